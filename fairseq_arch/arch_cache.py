@@ -1,0 +1,320 @@
+"""ARCH's cache at training time: the epoch schedule (Alg. 1), per-batch reads and
+EMA writes (Eq. 2), neighbour rebuilds (Eq. 3) and the end-of-refresh neighbour
+search (Eq. 4). Files are in :mod:`cache_store`, the math in :mod:`cache_math`.
+
+Timeline. Epoch e is a *refresh* epoch when ``is_refresh_epoch(e, Tc)``:
+  - begin_epoch(e): a new generation ``gen-e<e>`` is created as a copy of the
+    current one; batches write EMA-updated rows of their cached sentences into it,
+    reading the previous values from the current (immutable) generation.
+  - begin_epoch(e + 1): the new generation is finalised (row means, neighbours from
+    the model's embeddings at that time, COMPLETE marker) and becomes current.
+Other epochs only read the current generation: cached sentences read their rows,
+the others get the mean of their K neighbours' row means on every token.
+"""
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import cache_math
+from .cache_store import CacheMismatchError, PerturbationCacheStore
+from .neighbors import CosineIndex, choose_backend
+from .perturbation import gather_rows, scatter_rows
+
+logger = logging.getLogger(__name__)
+
+ProjectFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# sentences per chunk of the neighbour search: bounds memory at chunk x C floats
+NEIGHBOR_CHUNK = 32768
+
+
+def _dist_info() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def load_embedding_matrix(path: str) -> Dict[str, torch.Tensor]:
+    """Word-embedding matrices for Eq. 4 from a file: a fairseq checkpoint (its
+    encoder/decoder ``embed_tokens``), a ``.npy`` matrix, or a ``.pt`` tensor or dict
+    with ``source``/``target`` tensors. Returns ``{"source": W, "target": W}``."""
+    if path.endswith(".npy"):
+        w = torch.from_numpy(np.load(path)).float()
+        return {"source": w, "target": w}
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if torch.is_tensor(obj):
+        return {"source": obj.float(), "target": obj.float()}
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        sd = obj["model"]
+        keys = {"source": "encoder.embed_tokens.weight", "target": "decoder.embed_tokens.weight"}
+        missing = [k for k in keys.values() if k not in sd]
+        if missing:
+            raise ValueError(f"--arch-neighbor-embeddings {path}: checkpoint has no {missing}")
+        return {s: sd[k].float() for s, k in keys.items()}
+    if isinstance(obj, dict) and "source" in obj and "target" in obj:
+        return {"source": torch.as_tensor(obj["source"]).float(),
+                "target": torch.as_tensor(obj["target"]).float()}
+    raise ValueError(
+        f"--arch-neighbor-embeddings {path}: expected a fairseq checkpoint, a .npy matrix, "
+        "or a .pt tensor / dict with 'source' and 'target'"
+    )
+
+
+class ArchCache:
+    """One training run's cache controller (one per rank)."""
+
+    def __init__(
+        self,
+        cache_dir: str,
+        dataset,
+        src_dict,
+        tgt_dict,
+        *,
+        refresh_interval: int,
+        ema: float,
+        fraction: float,
+        num_neighbors: int,
+        neighbor_embeddings: str,
+        fixed_embeddings: Optional[Dict[str, torch.Tensor]],
+        dtype: str,
+        seed: int,
+        sides: Sequence[str] = ("source", "target"),
+    ):
+        self.cache_dir = cache_dir
+        self.dataset = dataset
+        self.dicts = {"source": src_dict, "target": tgt_dict}
+        self.refresh_interval = refresh_interval
+        self.ema = ema
+        self.fraction = fraction
+        self.num_neighbors = num_neighbors
+        self.neighbor_embeddings = neighbor_embeddings
+        self.fixed_embeddings = fixed_embeddings
+        self.dtype = str(dtype)
+        self.seed = seed
+        self.sides = list(sides)
+        self.store: Optional[PerturbationCacheStore] = None
+        self.epoch: Optional[int] = None
+        self.mode: Optional[str] = None
+        self.last_search_seconds = 0.0
+        self.last_search_backend = ""
+
+    # -- epoch level ------------------------------------------------------------
+
+    def _setup(self, model) -> None:
+        from .injection import embedding_modules
+
+        emb = embedding_modules(model)
+        dims = {s: int(m.embedding_dim) for s, m in emb.items() if s in self.sides}
+        rank, _ = _dist_info()
+        self.rank = rank
+        self.store = PerturbationCacheStore(
+            self.cache_dir,
+            self.dataset.src_sizes,
+            self.dataset.tgt_sizes,
+            dims,
+            self.fraction,
+            self.seed,
+            self.dtype,
+            self.num_neighbors,
+            rank=rank,
+        )
+        _barrier()
+        self.store.open_layout()
+        logger.info(
+            f"ARCH cache {self.cache_dir}: {self.store.num_cached} of {self.store.n_sentences} "
+            f"sentences cached (p={self.fraction}), "
+            + ", ".join(f"{s} {self.store.expected_bytes(s) / 2**20:.1f} MiB" for s in self.store.sides)
+        )
+
+    def begin_epoch(self, epoch: int, model) -> None:
+        if self.store is None:
+            self._setup(model)
+        store = self.store
+        refresh = cache_math.is_refresh_epoch(epoch, self.refresh_interval)
+        if self.rank == 0:
+            state = store.read_state()
+            ip = state.get("in_progress")
+            if ip is not None and ip["epoch"] < epoch:
+                self._finalize(ip, model)
+                state = store.read_state()
+            cur = state.get("current")
+            if refresh:
+                if cur is not None and cur["epoch"] >= epoch:
+                    raise CacheMismatchError(
+                        f"{self.cache_dir} already holds the perturbations refreshed in epoch "
+                        f"{cur['epoch']}, but training is at epoch {epoch}: the cache is ahead of "
+                        "the checkpoint. Resume from checkpoint_last.pt or start a new cache dir."
+                    )
+                ip = state.get("in_progress")
+                if ip is None or ip["epoch"] != epoch:
+                    name = store.gen_name(epoch)
+                    store.create_generation(name, cur["name"] if cur else None)
+                    state["in_progress"] = {"name": name, "epoch": epoch,
+                                            "base": cur["name"] if cur else None}
+                    store.write_state(state)
+            else:
+                want = cache_math.last_refresh_epoch(epoch, self.refresh_interval)
+                if cur is None or cur["epoch"] != want:
+                    raise CacheMismatchError(
+                        f"epoch {epoch} reuses the perturbations of epoch {want}, but "
+                        f"{self.cache_dir} holds {('those of epoch %d' % cur['epoch']) if cur else 'none'}: "
+                        "the cache dir does not belong to this checkpoint (deleted or replaced?)"
+                    )
+        _barrier()
+        store.close_maps()
+        state = store.read_state()
+        self.epoch = epoch
+        self.mode = "refresh" if refresh else "reuse"
+        if refresh:
+            self.write_gen = state["in_progress"]["name"]
+            self.base_gen = state["in_progress"]["base"]
+        else:
+            self.read_gen = state["current"]["name"]
+            assert store.is_complete(self.read_gen), f"generation {self.read_gen} is not complete"
+            self.means = {s: store.load_array(self.read_gen, f"{s}_mean.npy") for s in store.sides}
+            self.nbrs = {s: store.load_array(self.read_gen, f"{s}_nbr.npy") for s in store.sides}
+        logger.info(f"ARCH epoch {epoch}: {self.mode} ({'fresh ascent' if refresh else 'cache only'})")
+
+    def state_dict(self) -> dict:
+        if self.store is None:
+            return {}
+        return {"cache_dir": self.cache_dir, "epoch": self.epoch, "mode": self.mode,
+                "state": self.store.read_state() if self.rank == 0 else None}
+
+    # -- end of a refresh: means and neighbours ---------------------------------
+
+    def _embedding_matrix(self, side: str, model) -> torch.Tensor:
+        if self.fixed_embeddings is not None:
+            w = self.fixed_embeddings[side]
+            dev = next(model.parameters()).device
+            return w.to(dev)
+        from .injection import embedding_modules
+
+        return embedding_modules(model)[side].weight.detach()
+
+    def _token_chunk(self, side: str, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        ds = self.dataset.src if side == "source" else self.dataset.tgt
+        toks = [np.asarray(ds[int(i)], dtype=np.int64) for i in ids]
+        lengths = np.array([len(t) for t in toks], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        flat = np.concatenate(toks) if toks else np.zeros(0, dtype=np.int64)
+        return flat, offsets
+
+    def _vectors(self, side: str, ids: np.ndarray, w: torch.Tensor) -> torch.Tensor:
+        d = self.dicts[side]
+        flat, offsets = self._token_chunk(side, ids)
+        return cache_math.sentence_vectors(flat, offsets, w, ignore=(d.pad(), d.eos(), d.bos()))
+
+    def compute_neighbors(self, side: str, model, epoch: int) -> np.ndarray:
+        """N x K int32 table: for every uncached sentence, the cached positions of its
+        K nearest neighbours (cosine of mean word embeddings); -1 for cached ones."""
+        store = self.store
+        k = self.num_neighbors
+        nbr = np.full((store.n_sentences, k), -1, dtype=np.int32)
+        uncached = np.nonzero(store.pos_of < 0)[0]
+        if len(uncached) == 0:
+            return nbr
+        if self.neighbor_embeddings == "random":
+            side_id = 0 if side == "source" else 1
+            rng = np.random.default_rng([self.seed, epoch, side_id, 0x5EED])
+            nbr[uncached] = rng.integers(0, store.num_cached, size=(len(uncached), k))
+            self.last_search_backend = "random"
+            return nbr
+        w = self._embedding_matrix(side, model)
+        db = self._vectors(side, store.cached_ids, w)
+        index = CosineIndex(db, device=w.device)
+        self.last_search_backend = index.backend
+        for start in range(0, len(uncached), NEIGHBOR_CHUNK):
+            chunk = uncached[start: start + NEIGHBOR_CHUNK]
+            _, idx = index.search(self._vectors(side, chunk, w), k)
+            nbr[chunk] = idx.numpy().astype(np.int32)
+        return nbr
+
+    def _finalize(self, ip: dict, model) -> None:
+        store = self.store
+        name = ip["name"]
+        store.flush(name)
+        t0 = time.perf_counter()
+        search_s = 0.0
+        with torch.no_grad():
+            for side in store.sides:
+                store.save_array(name, f"{side}_mean.npy",
+                                 cache_math.row_means(store.token_file(name, side), store.offsets[side]))
+                t1 = time.perf_counter()
+                store.save_array(name, f"{side}_nbr.npy", self.compute_neighbors(side, model, ip["epoch"]))
+                search_s += time.perf_counter() - t1
+        self.last_search_seconds = search_s
+        store.mark_complete(name, {"epoch": ip["epoch"], "search_seconds": search_s,
+                                   "backend": self.last_search_backend})
+        state = store.read_state()
+        state["current"] = {"name": name, "epoch": ip["epoch"]}
+        state["in_progress"] = None
+        store.write_state(state)
+        store.remove_generations_except([name])
+        logger.info(
+            f"ARCH cache: generation of epoch {ip['epoch']} complete; neighbour search "
+            f"{search_s:.2f}s ({self.last_search_backend}), total {time.perf_counter() - t0:.2f}s"
+        )
+
+    # -- batch level ---------------------------------------------------------------
+
+    def _positions(self, sample_ids: Sequence[int]) -> np.ndarray:
+        return self.store.pos_of[np.asarray(sample_ids, dtype=np.int64)]
+
+    def read(self, sample_ids, side: str, mask: torch.Tensor, project: ProjectFn) -> Tuple[torch.Tensor, int, int]:
+        """Reuse epochs: (delta B x T x C, #read from cache, #rebuilt from neighbours)."""
+        assert self.mode == "reuse", "read() is for reuse epochs"
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        pos = self._positions(ids)
+        lengths = mask.sum(dim=1).tolist()
+        rows: List[Optional[torch.Tensor]] = [None] * len(ids)
+        cached_b = np.nonzero(pos >= 0)[0]
+        if len(cached_b):
+            for b, r in zip(cached_b, self.store.read_rows(self.read_gen, side, pos[cached_b])):
+                rows[b] = torch.from_numpy(r)
+        other_b = np.nonzero(pos < 0)[0]
+        if len(other_b):
+            nbr = np.asarray(self.nbrs[side][ids[other_b]], dtype=np.int64)  # n x K
+            means = np.asarray(self.means[side][nbr.reshape(-1)], dtype=np.float32)
+            means = torch.from_numpy(means).view(len(other_b), nbr.shape[1], -1).to(mask.device)
+            rebuilt = cache_math.rebuild_from_neighbors(means, [lengths[b] for b in other_b])
+            for b, r in zip(other_b, rebuilt):
+                rows[b] = r
+        delta = project(scatter_rows(rows, mask), mask)
+        return delta, len(cached_b), len(other_b)
+
+    def store_fresh(self, sample_ids, side: str, fresh: torch.Tensor, mask: torch.Tensor, project: ProjectFn) -> torch.Tensor:
+        """Refresh epochs: blend fresh perturbations of cached sentences into the new
+        generation (Eq. 2, re-projected, rounded to the cache dtype) and return the
+        perturbation to train on: the cache value for cached sentences (so refresh
+        and reuse epochs apply the same numbers), the fresh one for the others."""
+        assert self.mode == "refresh", "store_fresh() is for refresh epochs"
+        pos = self._positions(sample_ids)
+        cached_b = np.nonzero(pos >= 0)[0]
+        if len(cached_b) == 0:
+            return fresh
+        sel = torch.as_tensor(cached_b, device=fresh.device)
+        mask_c = mask[sel]
+        fresh_c = fresh[sel]
+        base = None
+        if self.base_gen is not None:
+            base_rows = [torch.from_numpy(r) for r in self.store.read_rows(self.base_gen, side, pos[cached_b])]
+            base = scatter_rows(base_rows, mask_c)
+        new_c = project(cache_math.ema_update(base, fresh_c, self.ema), mask_c)
+        rows = [r.detach().cpu().numpy() for r in gather_rows(new_c, mask_c)]
+        self.store.write_rows(self.write_gen, side, pos[cached_b], rows)
+        # train on exactly what a reuse epoch will read back
+        stored_dtype = torch.float16 if self.dtype == "float16" else torch.float32
+        applied = fresh.clone()
+        applied[sel] = project(new_c.to(stored_dtype).float(), mask_c)
+        return applied

@@ -1,0 +1,78 @@
+"""Add perturbations to the token-embedding lookup of a fairseq encoder-decoder.
+
+A forward hook on ``encoder.embed_tokens`` / ``decoder.embed_tokens`` adds delta to
+the lookup output, i.e. *before* fairseq multiplies by ``embed_scale`` (sqrt(d)) and
+adds positions. With ``--share-all-embeddings`` both sides call the same module, so
+the hook tells them apart by the identity of the token tensor it is called on.
+"""
+
+from contextlib import contextmanager
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare fairseq model under DDP / legacy-DDP / proxy wrappers. Ascent
+    forwards go through it so that DDP's reducer only sees the forwards whose
+    parameter gradients it must reduce."""
+    while not (hasattr(model, "encoder") and hasattr(model, "decoder")) and hasattr(model, "module"):
+        model = model.module
+    assert hasattr(model, "encoder") and hasattr(model, "decoder"), (
+        f"ARCH needs an encoder-decoder model with embed_tokens, got {type(model).__name__}"
+    )
+    return model
+
+
+def embedding_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    core = unwrap_model(model)
+    return {"source": core.encoder.embed_tokens, "target": core.decoder.embed_tokens}
+
+
+@contextmanager
+def perturbed_embeddings(
+    model: nn.Module,
+    src_tokens: torch.Tensor,
+    prev_output_tokens: torch.Tensor,
+    delta_src: Optional[torch.Tensor],
+    delta_tgt: Optional[torch.Tensor],
+):
+    """Within the block, every forward of ``model`` on exactly these token tensors
+    sees ``embed_tokens(tokens) + delta``. Yields a dict counting how often each
+    side was perturbed, so callers can check that the model really used the hook."""
+    applied = {"source": 0, "target": 0}
+
+    def hook(module, inputs, output):
+        tokens = inputs[0]
+        if delta_src is not None and tokens is src_tokens:
+            applied["source"] += 1
+            return output + delta_src.to(output.dtype)
+        if delta_tgt is not None and tokens is prev_output_tokens:
+            applied["target"] += 1
+            return output + delta_tgt.to(output.dtype)
+        return None
+
+    handles = []
+    seen = set()
+    for module in embedding_modules(model).values():
+        if id(module) not in seen:  # shared embeddings: one hook serves both sides
+            seen.add(id(module))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield applied
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_applied(applied: Dict[str, int], delta_src, delta_tgt, forwards: int = 1) -> None:
+    for side, d in (("source", delta_src), ("target", delta_tgt)):
+        want = forwards if d is not None else 0
+        if applied[side] != want:
+            raise RuntimeError(
+                f"the {side} perturbation was applied {applied[side]} times in {forwards} "
+                f"forward(s), expected {want}: the model must call embed_tokens on the "
+                "src_tokens / prev_output_tokens tensors it is given (fairseq transformer "
+                "and lstm models do)"
+            )

@@ -1,0 +1,158 @@
+"""Task ``arch_translation``: translation with ARCH's perturbation cache.
+
+It is :class:`TranslationTask` plus the cache: the task owns the cache of the
+training split (one :class:`~fairseq_arch.arch_cache.ArchCache`), advances it at
+every epoch start, and the criterion asks it, batch by batch, to store fresh
+perturbations (refresh epochs) or to read them back (other epochs).
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq import utils
+from fairseq.dataclass import ChoiceEnum
+from fairseq.logging import metrics
+from fairseq.tasks import TASK_REGISTRY, register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
+
+from ..arch_cache import ArchCache, load_embedding_matrix
+
+logger = logging.getLogger(__name__)
+
+CACHE_DTYPE_CHOICES = ChoiceEnum(["float16", "float32"])
+
+
+@dataclass
+class ArchTranslationConfig(TranslationConfig):
+    arch_refresh_interval: int = field(
+        default=15,
+        metadata={"help": "Tc: epochs between fresh perturbations. Epoch 1 is a refresh, then "
+                  "1+Tc, 1+2Tc, ...; 0 = compute once and never refresh (the paper's inf)"},
+    )
+    arch_ema: float = field(
+        default=0.01,
+        metadata={"help": "alpha of Eq. 2, C <- alpha*C + (1-alpha)*fresh on refresh epochs "
+                  "(the first refresh stores fresh as is); 0 = no EMA"},
+    )
+    arch_cache_fraction: float = field(
+        default=0.1,
+        metadata={"help": "p: fraction of training sentences whose token-level perturbations are "
+                  "cached (fixed-seed sample); the others are rebuilt from neighbours. 1.0 = cache all"},
+    )
+    arch_neighbors: int = field(
+        default=1,
+        metadata={"help": "K: cached neighbours averaged for every uncached sentence (Eq. 3)"},
+    )
+    arch_neighbor_embeddings: str = field(
+        default="model",
+        metadata={"help": "word embeddings W of Eq. 4: 'model' (the model's own matrices at each "
+                  "refresh), 'random' (random neighbours, the R-1-NN ablation), or a path to a "
+                  "fairseq checkpoint / .npy / .pt matrix aligned with the dictionary"},
+    )
+    arch_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "directory of the disk-backed cache (default: <save-dir>/arch_cache); "
+                  "must be on a filesystem every rank sees"},
+    )
+    arch_cache_dtype: CACHE_DTYPE_CHOICES = field(
+        default="float16",
+        metadata={"help": "dtype of the cached token rows on disk"},
+    )
+    save_dir: str = II("checkpoint.save_dir")
+    seed: int = II("common.seed")
+
+
+def validate_arch_config(cfg) -> None:
+    """Fail at start, naming the option, on settings ARCH cannot run with."""
+    if not (0.0 < cfg.arch_cache_fraction <= 1.0):
+        raise ValueError(f"--arch-cache-fraction must be in (0, 1], got {cfg.arch_cache_fraction}")
+    if cfg.arch_neighbors < 1:
+        raise ValueError(f"--arch-neighbors must be >= 1, got {cfg.arch_neighbors}")
+    if not (0.0 <= cfg.arch_ema < 1.0):
+        raise ValueError(f"--arch-ema must be in [0, 1), got {cfg.arch_ema}")
+    if cfg.arch_refresh_interval < 0:
+        raise ValueError(f"--arch-refresh-interval must be >= 0 (0 = never refresh), got {cfg.arch_refresh_interval}")
+    src = cfg.arch_neighbor_embeddings
+    if src not in ("model", "random") and not os.path.isfile(src):
+        raise ValueError(
+            f"--arch-neighbor-embeddings must be 'model', 'random' or an existing file, got {src!r}"
+        )
+
+
+def _register(name, dataclass):
+    # `pip install -e .` plus `--user-dir` may import this module twice under
+    # different names; registering once keeps fairseq from raising.
+    if name in TASK_REGISTRY:
+        return lambda cls: cls
+    return register_task(name, dataclass=dataclass)
+
+
+@_register("arch_translation", ArchTranslationConfig)
+class ArchTranslationTask(TranslationTask):
+    """Translation whose criterion regularises with cached adversarial perturbations."""
+
+    cfg: ArchTranslationConfig
+
+    def __init__(self, cfg: ArchTranslationConfig, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        validate_arch_config(cfg)
+        self.fixed_embeddings = None
+        src = cfg.arch_neighbor_embeddings
+        if src not in ("model", "random"):
+            w = load_embedding_matrix(src)
+            for side, d in (("source", src_dict), ("target", tgt_dict)):
+                if w[side].dim() != 2 or w[side].size(0) != len(d):
+                    raise ValueError(
+                        f"--arch-neighbor-embeddings {src}: the {side} matrix has shape "
+                        f"{tuple(w[side].shape)} but the {side} dictionary has {len(d)} entries"
+                    )
+            self.fixed_embeddings = w
+        self.arch_cache: Optional[ArchCache] = None
+
+    @property
+    def cache_dir(self) -> str:
+        return self.cfg.arch_cache_dir or os.path.join(self.cfg.save_dir, "arch_cache")
+
+    def build_criterion(self, cfg):
+        criterion = super().build_criterion(cfg)
+        if not getattr(criterion, "uses_arch_cache", False):
+            raise ValueError(
+                f"--task arch_translation needs a criterion that uses its cache "
+                f"(--criterion adversarial_label_smoothed_cross_entropy), got {type(criterion).__name__}"
+            )
+        self.arch_sides = list(criterion.sides)  # the cache stores only the perturbed sides
+        return criterion
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        if split == self.cfg.train_subset and len(utils.split_paths(self.cfg.data)) > 1:
+            raise ValueError(
+                "arch_translation caches per training sentence and needs one fixed training set: "
+                f"--data has several ':'-separated shards ({self.cfg.data})"
+            )
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+
+    def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
+        if self.arch_cache is None:
+            self.arch_cache = ArchCache(
+                self.cache_dir,
+                self.dataset(self.cfg.train_subset),
+                self.src_dict,
+                self.tgt_dict,
+                refresh_interval=self.cfg.arch_refresh_interval,
+                ema=self.cfg.arch_ema,
+                fraction=self.cfg.arch_cache_fraction,
+                num_neighbors=self.cfg.arch_neighbors,
+                neighbor_embeddings=self.cfg.arch_neighbor_embeddings,
+                fixed_embeddings=self.fixed_embeddings,
+                dtype=str(self.cfg.arch_cache_dtype),
+                seed=self.cfg.seed,
+                sides=getattr(self, "arch_sides", ("source", "target")),
+            )
+        self.arch_cache.begin_epoch(epoch, model)
+        # logged inside fairseq's "train" aggregation: shows up in the epoch summary
+        metrics.log_scalar("arch_nn_search_s", self.arch_cache.last_search_seconds, priority=900, round=3)
+        self.state.merge_state_dict({"arch_cache": self.arch_cache.state_dict()})
