@@ -1,0 +1,41 @@
+"""fairseq-arch: ARCH adversarial regularization with caching, as a fairseq plugin.
+
+Install with ``bash scripts/install.sh`` (it installs torch and fairseq the right
+way first, then ``pip install -e .``). See README, "Dependencies".
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq-arch",
+    version="0.1.0",
+    description="ARCH (Adversarial Regularization with CacHing, Zuo et al. 2021) for fairseq NMT",
+    packages=find_packages(include=["fairseq_arch", "fairseq_arch.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        # torch: reuse the installed one (scripts/install.sh puts the CPU wheel
+        # torch==2.13.0 there when there is none); an open range here would pull a
+        # multi-GB CUDA build on a machine without torch.
+        "torch>=2.1",
+        # fairseq's real runtime dependencies (ve-fairseq itself is installed with
+        # --no-deps from requirements/fairseq.txt: its torchaudio pin would
+        # replace torch)
+        "hydra-core>=1.3.2,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "bitarray",
+        "regex",
+        "sacrebleu>=2.0",
+        "numpy",
+        "cffi",
+        "tqdm",
+        "scikit-learn",
+        "packaging",
+        # ours
+        "sentencepiece",
+        "faiss-cpu>=1.7",
+    ],
+    extras_require={
+        "gpu": ["faiss-gpu"],
+        "test": ["pytest"],
+    },
+)

@@ -1,0 +1,305 @@
+"""Criterion and cache behaviour on a real (tiny) fairseq transformer, in-process.
+
+Counting convention for forwards/backwards (also in the criterion's docstring):
+every model call is a forward; every gradient computation is a backward, i.e. each
+``torch.autograd.grad`` of an ascent step plus the trainer's ``loss.backward()``.
+Refresh batch: S + 2 forwards, S + 1 backwards; reuse batch: 2 and 1. The paper's
+Table 1 counts one forward fewer on refresh epochs (it does not count the forward
+at the random start): ARCH 2 + (S-1)/Tc = our (S + 2 + 2 (Tc - 1)) / Tc - 1/Tc.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from fairseq_arch.criterions.adversarial_label_smoothed_cross_entropy import (
+    AdversarialLabelSmoothedCrossEntropyCriterion,
+)
+from fairseq_arch.injection import perturbed_embeddings, unwrap_model
+from fairseq_arch.perturbation import gather_rows, project
+
+from . import utils
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    utils.quiet_logs()
+    return utils.make_toy_data(str(tmp_path_factory.mktemp("toy")), n_train=120, n_valid=10, n_test=10)
+
+
+def run_epoch(task, model, criterion, epoch, batches):
+    task.begin_epoch(epoch, model)
+    model.train()
+    logs = []
+    for b in batches:
+        loss, _, log = criterion(model, b)
+        logs.append(log)
+    return logs
+
+
+def test_lambda_zero_is_exactly_label_smoothing(data_dir, tmp_path):
+    from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+
+    _, task, model, crit = utils.build_components(data_dir, ["--adv-lambda", "0"], save_dir=str(tmp_path))
+    ls = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    task.begin_epoch(1, model)
+    model.train()
+    batch = utils.batches(task)[0]
+    loss_a, ss_a, _ = crit(model, batch)
+    loss_a.backward()
+    grads_a = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_b, ss_b, _ = ls(model, batch)
+    loss_b.backward()
+    assert ss_a == ss_b and torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads_a, model.parameters()))
+
+
+def test_total_loss_is_ls_plus_lambda_times_kl(data_dir, tmp_path):
+    from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+
+    _, task, model, crit = utils.build_components(data_dir, ["--adv-lambda", "2.5"], save_dir=str(tmp_path))
+    ls = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    task.begin_epoch(1, model)
+    model.train()
+    batch = utils.batches(task)[0]
+    loss, _, log = crit(model, batch)
+    ls_loss, _, _ = ls(model, batch)
+    assert log["adv_loss"] > 0
+    assert torch.allclose(log["ls_loss"], ls_loss)
+    assert torch.allclose(loss, ls_loss + 2.5 * log["adv_loss"], rtol=1e-6)
+
+
+def test_reduced_loss_is_sum_over_examples(data_dir, tmp_path):
+    _, task, model, crit = utils.build_components(data_dir, ["--arch-cache-fraction", "1.0"], save_dir=str(tmp_path))
+    task.begin_epoch(1, model)
+    model.train()
+    ds = task.dataset("train")
+    ids = [3, 17, 42, 77]
+    whole, _, _ = crit(model, ds.collater([ds[i] for i in ids]))
+    parts = sum(crit(model, ds.collater([ds[i]]))[0] for i in ids)
+    assert torch.allclose(whole, parts, rtol=1e-4), (whole, parts)
+
+
+def test_ascent_leaves_parameter_grads_untouched(data_dir, tmp_path):
+    _, task, model, crit = utils.build_components(data_dir, save_dir=str(tmp_path))
+    task.begin_epoch(1, model)
+    model.train()
+    batch = utils.batches(task)[0]
+    for i, p in enumerate(model.parameters()):
+        if i % 2:
+            p.grad = torch.randn_like(p)
+    before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    net_input = batch["net_input"]
+    with torch.no_grad():
+        out = model(**net_input)
+    teacher, target = crit._lprobs_fp32(model, out, batch)
+    masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
+    counts = {"fwd": 0, "bwd": 0}
+    delta = crit._ascent(unwrap_model(model), batch, teacher, target.ne(1), masks, 1, counts)
+    assert counts == {"fwd": 3, "bwd": 3}
+    assert delta["source"].abs().sum() > 0
+    for b, p in zip(before, model.parameters()):
+        assert (b is None and p.grad is None) or torch.equal(b, p.grad)
+
+
+def _count_calls(model, monkeypatch):
+    counter = {"fwd": 0, "grad": 0}
+    unwrap_model(model).decoder.register_forward_hook(lambda *a: counter.__setitem__("fwd", counter["fwd"] + 1))
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*a, **k):
+        counter["grad"] += 1
+        return real_grad(*a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    return counter
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_forward_backward_counts_match_table1(data_dir, tmp_path, monkeypatch, steps):
+    tc = 3
+    _, task, model, crit = utils.build_components(
+        data_dir, ["--adv-steps", str(steps), "--arch-refresh-interval", str(tc)], save_dir=str(tmp_path))
+    counter = _count_calls(model, monkeypatch)
+    batches = utils.batches(task)
+    per_epoch = {}
+    for epoch in range(1, tc + 1):
+        counter.update(fwd=0, grad=0)
+        logs = run_epoch(task, model, crit, epoch, batches)
+        n = len(batches)
+        per_epoch[epoch] = (counter["fwd"] / n, (counter["grad"] + n) / n)  # + the trainer's backward
+        assert all(log["adv_fwd"] == per_epoch[epoch][0] for log in logs)
+        assert all(log["adv_bwd"] == per_epoch[epoch][1] for log in logs)
+    assert per_epoch[1] == (steps + 2, steps + 1)  # refresh: clean + S ascent + final; S + 1
+    assert per_epoch[2] == per_epoch[3] == (2, 1)  # reuse: clean + perturbed; no ascent at all
+    fwd = sum(f for f, _ in per_epoch.values()) / tc
+    bwd = sum(b for _, b in per_epoch.values()) / tc
+    # Table 1 (ARCH): 2 + (S-1)/Tc forwards and 1 + S/Tc backwards, our count one
+    # forward higher per refresh epoch
+    assert fwd == pytest.approx(2 + (steps - 1) / tc + 1 / tc)
+    assert bwd == pytest.approx(1 + steps / tc)
+
+
+def test_perturbation_is_added_before_embed_scale_with_shared_embeddings_and_left_padding(data_dir, tmp_path):
+    _, task, model, crit = utils.build_components(data_dir, ["--share-all-embeddings"], save_dir=str(tmp_path))
+    core = unwrap_model(model)
+    assert core.encoder.embed_tokens is core.decoder.embed_tokens
+    model.eval()
+    batch = utils.batches(task)[0]
+    src, prev = batch["net_input"]["src_tokens"], batch["net_input"]["prev_output_tokens"]
+    assert (src[:, 0] == 1).any(), "the toy batch should contain left padding"
+    ms, mt = src.ne(1), prev.ne(1)
+    d_src = project(torch.randn(*src.shape, 32), ms, 0.1, "l2", "sentence")
+    d_tgt = project(torch.randn(*prev.shape, 32), mt, 0.1, "l2", "sentence")
+    with torch.no_grad():
+        w = core.encoder.embed_tokens.weight
+        with perturbed_embeddings(model, src, prev, d_src, d_tgt) as applied:
+            _, embed = core.encoder.forward_embedding(src)
+            dec_in = core.decoder.embed_tokens(prev)
+        scale = core.encoder.embed_scale
+        assert scale == pytest.approx(32 ** 0.5)
+        assert torch.allclose(embed, scale * (w[src] + d_src), atol=1e-6)
+        assert torch.allclose(embed[~ms], scale * w[src][~ms])  # padding untouched
+        assert torch.allclose(dec_in, w[prev] + d_tgt)
+        assert applied == {"source": 1, "target": 1}
+        # outside the context the model is clean again
+        _, clean = core.encoder.forward_embedding(src)
+        assert torch.allclose(clean, scale * w[src])
+
+
+def _fill_cache(task, model, crit, epoch, batches):
+    run_epoch(task, model, crit, epoch, batches)
+
+
+def test_cache_rows_follow_sample_ids_across_batch_orders_and_padding(data_dir, tmp_path):
+    """The official code's bugs: rows misaligned with left-padded sources and target
+    rows not re-ordered after batch sorting. Write in one batch order, read back in
+    another (single samples, other padding) and compare per sample id."""
+    _, task, model, crit = utils.build_components(
+        data_dir, ["--arch-cache-fraction", "1.0", "--arch-refresh-interval", "2", "--arch-cache-dtype", "float32"],
+        save_dir=str(tmp_path))
+    batches = utils.batches(task)
+    task.begin_epoch(1, model)
+    model.train()
+    cache = task.arch_cache
+    written = {}
+    for b in batches:
+        ids = b["id"].tolist()
+        for side, toks in (("source", b["net_input"]["src_tokens"]), ("target", b["net_input"]["prev_output_tokens"])):
+            m = toks.ne(1)
+            fresh = project(torch.randn(*toks.shape, 32), m, 0.1, "l2", "sentence")
+            applied = cache.store_fresh(ids, side, fresh, m, crit.project)
+            for i, r in zip(ids, gather_rows(applied, m)):
+                written[(side, i)] = r
+    task.begin_epoch(2, model)
+    ds = task.dataset("train")
+    order = list(reversed(range(len(ds))))
+    for group in (order[k:k + 5] for k in range(0, len(order), 5)):
+        # the collater sorts by length and pads differently from the training batches
+        b = ds.collater([ds[i] for i in group])
+        ids = b["id"].tolist()
+        for side, toks in (("source", b["net_input"]["src_tokens"]), ("target", b["net_input"]["prev_output_tokens"])):
+            m = toks.ne(1)
+            delta, n_cached, n_rebuilt = cache.read(ids, side, m, crit.project)
+            assert (n_cached, n_rebuilt) == (len(ids), 0)
+            for i, r in zip(ids, gather_rows(delta, m)):
+                assert torch.allclose(r, written[(side, i)], atol=1e-7)
+
+
+def test_reuse_rebuilds_uncached_sentences_from_neighbour_means(data_dir, tmp_path):
+    _, task, model, crit = utils.build_components(
+        data_dir, ["--arch-cache-fraction", "0.3", "--arch-neighbors", "2", "--arch-refresh-interval", "2"],
+        save_dir=str(tmp_path))
+    batches = utils.batches(task)
+    _fill_cache(task, model, crit, 1, batches)
+    task.begin_epoch(2, model)
+    cache = task.arch_cache
+    store = cache.store
+    uncached = np.nonzero(store.pos_of < 0)[0]
+    assert len(uncached) == len(task.dataset("train")) - round(0.3 * len(task.dataset("train")))
+    ds = task.dataset("train")
+    i = int(uncached[0])
+    one = ds.collater([ds[i]])
+    toks = one["net_input"]["src_tokens"]
+    m = toks.ne(1)
+    delta, n_cached, n_rebuilt = cache.read([i], "source", m, crit.project)
+    assert (n_cached, n_rebuilt) == (0, 1)
+    # by hand: mean of the two neighbours' token-averaged cached rows, on every token
+    nbrs = np.asarray(store.load_array(cache.read_gen, "source_nbr.npy")[i])
+    rows = store.read_rows(cache.read_gen, "source", nbrs)
+    vec = torch.tensor(np.mean([r.mean(0) for r in rows], axis=0))
+    want = project(vec.expand(int(m.sum()), -1)[None], torch.ones(1, int(m.sum()), dtype=torch.bool), 0.1, "l2", "sentence")[0]
+    assert torch.allclose(gather_rows(delta, m)[0], want, atol=1e-6)
+    # and the neighbours are the nearest cached sentences by mean word embedding
+    from fairseq_arch.neighbors import brute_force_knn
+
+    w = unwrap_model(model).encoder.embed_tokens.weight
+    q = cache._vectors("source", np.array([i]), w)
+    db = cache._vectors("source", store.cached_ids, w)
+    _, ref = brute_force_knn(q, db, 2)
+    assert sorted(ref[0].tolist()) == sorted(nbrs.tolist())
+
+
+def test_refresh_blends_into_cache_with_ema_and_reprojects(data_dir, tmp_path):
+    alpha = 0.3
+    _, task, model, crit = utils.build_components(
+        data_dir, ["--arch-cache-fraction", "1.0", "--arch-refresh-interval", "2", "--arch-ema", str(alpha),
+                   "--arch-cache-dtype", "float32"], save_dir=str(tmp_path))
+    batches = utils.batches(task)
+    _fill_cache(task, model, crit, 1, batches)
+    task.begin_epoch(2, model)
+    old_gen = task.arch_cache.read_gen
+    b = batches[0]
+    ids = b["id"].tolist()
+    store = task.arch_cache.store
+    old = {s: store.read_rows(old_gen, s, store.pos_of[ids]) for s in ("source", "target")}
+    old = {s: [r.copy() for r in rows] for s, rows in old.items()}
+    task.begin_epoch(3, model)  # refresh
+    model.train()
+    net_input = b["net_input"]
+    with torch.no_grad():
+        out = model(**net_input)
+    teacher, target = crit._lprobs_fp32(model, out, b)
+    masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
+    fresh = crit._ascent(unwrap_model(model), b, teacher, target.ne(1), masks, 3, {"fwd": 0, "bwd": 0})
+    crit(model, b)  # stores
+    new_gen = task.arch_cache.write_gen
+    for side in ("source", "target"):
+        got = store.read_rows(new_gen, side, store.pos_of[ids])
+        for j, (o, f) in enumerate(zip(old[side], gather_rows(fresh[side], masks[side]))):
+            blend = alpha * torch.from_numpy(o) + (1 - alpha) * f
+            want = project(blend[None], torch.ones(1, len(blend), dtype=torch.bool), 0.1, "l2", "sentence")[0]
+            assert torch.allclose(torch.from_numpy(got[j]), want, atol=1e-6)
+            assert torch.from_numpy(got[j]).norm() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--arch-cache-fraction", "0"], "--arch-cache-fraction"),
+    (["--arch-cache-fraction", "1.5"], "--arch-cache-fraction"),
+    (["--arch-neighbors", "0"], "--arch-neighbors"),
+    (["--arch-ema", "1.0"], "--arch-ema"),
+    (["--arch-refresh-interval", "-1"], "--arch-refresh-interval"),
+    (["--adv-eps", "0"], "--adv-eps"),
+    (["--arch-neighbor-embeddings", "/nonexistent.npy"], "--arch-neighbor-embeddings"),
+])
+def test_bad_settings_fail_at_start_naming_the_option(data_dir, tmp_path, flags, match):
+    with pytest.raises(ValueError, match=match):
+        utils.build_components(data_dir, flags, save_dir=str(tmp_path))
+
+
+def test_neighbour_embedding_matrix_must_match_dictionary(data_dir, tmp_path):
+    bad = tmp_path / "w.npy"
+    np.save(bad, np.zeros((5, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="dictionary has"):
+        utils.build_components(data_dir, ["--arch-neighbor-embeddings", str(bad)], save_dir=str(tmp_path))
+
+
+def test_arch_task_refuses_a_criterion_without_cache(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="adversarial_label_smoothed_cross_entropy"):
+        utils.build_components(data_dir, ["--criterion", "label_smoothed_cross_entropy"], save_dir=str(tmp_path))
+
+
+def test_criterion_refuses_plain_translation_task(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--task arch_translation"):
+        utils.build_components(data_dir, ["--task", "translation"], save_dir=str(tmp_path))
