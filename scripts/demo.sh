@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The main job, end to end: prepare a corpus, train a small transformer with ARCH,
+# translate the test set with fairseq-generate, print sacreBLEU.
+#
+#   bash scripts/demo.sh                        # synthetic toy corpus (no network, no data)
+#   bash scripts/demo.sh --corpus DIR --src de --tgt en      # a local corpus
+#   ARCH_CORPUS=../shared/data/multi30k/tok bash scripts/demo.sh --src de --tgt en
+#
+# Options: --workdir DIR (default runs/demo), --epochs N, --refresh-interval Tc,
+# --spm-vocab N (default 0 for the toy corpus, 8000 for a local one),
+# --max-train N, --smoke (a few hundred pairs, 3 epochs: what CI runs).
+# Anything after `--` goes to fairseq-train as is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+
+CORPUS="${ARCH_CORPUS:-}"; SRC=src; TGT=tgt; WORK=runs/demo; EPOCHS=12; TC=5
+SPM=""; MAX_TRAIN=0; MAX_EVAL=0; SMOKE=0; TOY_TRAIN=6000; EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --corpus) CORPUS="$2"; shift 2;;
+        --src) SRC="$2"; shift 2;;
+        --tgt) TGT="$2"; shift 2;;
+        --workdir) WORK="$2"; shift 2;;
+        --epochs) EPOCHS="$2"; shift 2;;
+        --refresh-interval) TC="$2"; shift 2;;
+        --spm-vocab) SPM="$2"; shift 2;;
+        --max-train) MAX_TRAIN="$2"; shift 2;;
+        --smoke) SMOKE=1; shift;;
+        --) shift; EXTRA=("$@"); break;;
+        *) echo "demo.sh: unknown option $1" >&2; exit 2;;
+    esac
+done
+if [[ -z "$SPM" ]]; then [[ -n "$CORPUS" ]] && SPM=8000 || SPM=0; fi
+if [[ $SMOKE == 1 ]]; then
+    EPOCHS=3; TC=2; TOY_TRAIN=400; [[ -n "$CORPUS" ]] && { MAX_TRAIN=400; MAX_EVAL=50; [[ $SPM -gt 0 ]] && SPM=500; }
+fi
+if [[ -n "$CORPUS" && ! -d "$CORPUS" ]]; then echo "demo.sh: corpus dir $CORPUS does not exist" >&2; exit 2; fi
+
+[[ "${ARCH_SKIP_INSTALL:-0}" == 1 ]] || bash scripts/install.sh
+export PYTHONWARNINGS="ignore"
+
+rm -rf "$WORK"; mkdir -p "$WORK"
+echo "== 1/4 prepare corpus"
+python3 scripts/prepare_corpus.py "$WORK/text" --corpus "$CORPUS" --src "$SRC" --tgt "$TGT" \
+    --spm-vocab "$SPM" --max-train "$MAX_TRAIN" --max-eval "$MAX_EVAL" --toy-train "$TOY_TRAIN"
+[[ -z "$CORPUS" ]] && { SRC=src; TGT=tgt; }
+fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --trainpref "$WORK/text/train" \
+    --validpref "$WORK/text/valid" --testpref "$WORK/text/test" --destdir "$WORK/bin" \
+    --joined-dictionary --workers 2 > "$WORK/preprocess.log" 2>&1 || { tail "$WORK/preprocess.log"; exit 1; }
+
+echo "== 2/4 train with ARCH ($EPOCHS epochs, fresh perturbations every $TC epochs) -> $WORK/train.log"
+fairseq-train "$WORK/bin" --user-dir "$REPO/fairseq_arch" \
+    --task arch_translation --criterion adversarial_label_smoothed_cross_entropy --label-smoothing 0.1 \
+    --arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3 \
+    --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 \
+    --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.1 \
+    --optimizer adam --adam-betas '(0.9, 0.98)' --lr 2e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 \
+    --max-tokens 4096 --max-epoch "$EPOCHS" --arch-refresh-interval "$TC" \
+    --save-dir "$WORK/checkpoints" --no-epoch-checkpoints --seed 1 --cpu \
+    --no-progress-bar --log-format simple --log-interval 50 "${EXTRA[@]}" > "$WORK/train.log" 2>&1 \
+    || { tail -30 "$WORK/train.log"; exit 1; }
+python3 scripts/log_summary.py "$WORK/train.log"
+for f in "$WORK/checkpoints/arch_cache"/gen-*/*.bin; do echo "  cache file ${f#$WORK/}: $(stat -c %s "$f") bytes"; done
+
+echo "== 3/4 translate the test set (fairseq-generate, beam 5) -> $WORK/generate.log"
+POST=(); [[ "$SPM" -gt 0 ]] && POST=(--post-process sentencepiece)
+fairseq-generate "$WORK/bin" --user-dir "$REPO/fairseq_arch" --task arch_translation \
+    --source-lang "$SRC" --target-lang "$TGT" --path "$WORK/checkpoints/checkpoint_best.pt" \
+    --gen-subset test --beam 5 --batch-size 128 --required-batch-size-multiple 1 \
+    --max-len-a 1.5 --max-len-b 10 --cpu "${POST[@]}" > "$WORK/generate.log" 2>&1 \
+    || { tail -20 "$WORK/generate.log"; exit 1; }
+grep "BLEU4" "$WORK/generate.log" | sed 's/^/  fairseq (tokenised): /'
+
+echo "== 4/4 sacreBLEU"
+python3 scripts/score.py "$WORK/generate.log" "$WORK/text/ref.test.$TGT" --hyp-out "$WORK/hyp.test.$TGT"
