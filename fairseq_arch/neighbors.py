@@ -35,6 +35,8 @@ def brute_force_knn(queries: torch.Tensor, database: torch.Tensor, k: int) -> Tu
 
 
 def _faiss():
+    # faiss logs every instruction set it fails to load (avx512, avx2) at INFO
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss  # noqa: F401
     except ImportError as e:  # pragma: no cover - dependency is in setup.py

@@ -139,3 +139,33 @@ def test_demo_refuses_a_corpus_with_missing_files(tmp_path):
                          env=ENV, capture_output=True, text=True)
     assert res.returncode != 0
     assert "neither layout" in res.stdout + res.stderr
+
+
+def test_hydra_config_runs_through_fairseq_hydra_train(data_dir, tmp_path):
+    res = subprocess.run(
+        ["fairseq-hydra-train", "--config-dir", os.path.join(utils.REPO, "configs"), "--config-name", "arch_demo",
+         f"task.data={data_dir}", f"common.user_dir={utils.USER_DIR}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+         "optimization.max_epoch=1", "model.encoder_layers=1", "model.decoder_layers=1",
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=str(tmp_path), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "adv_fwd_per_batch 5" in res.stdout + res.stderr
+    assert os.path.exists(tmp_path / "ckpt" / "arch_cache" / "gen-e0001" / "source.bin")
+
+
+def test_installed_package_then_user_dir_registers_once(tmp_path):
+    """`pip install -e .` + `--user-dir fairseq_arch`: importing the installed package
+    first and then the user dir (relative or absolute) must not register twice."""
+    code = (
+        "import argparse, fairseq_arch\n"
+        "from fairseq import utils\n"
+        f"utils.import_user_module(argparse.Namespace(user_dir={utils.USER_DIR!r}))\n"
+        "utils.import_user_module(argparse.Namespace(user_dir='fairseq_arch'))\n"
+        "from fairseq.tasks import TASK_REGISTRY\n"
+        "from fairseq.criterions import CRITERION_REGISTRY\n"
+        "print(TASK_REGISTRY['arch_translation'].__module__,"
+        " CRITERION_REGISTRY['adversarial_label_smoothed_cross_entropy'].__module__)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=utils.REPO, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fairseq_arch.tasks.arch_translation fairseq_arch.criterions." in res.stdout
