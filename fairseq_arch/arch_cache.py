@@ -18,10 +18,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import cache_math
-from .cache_store import CacheMismatchError, PerturbationCacheStore
+from .cache_store import CacheMismatchError, PerturbationCacheStore, fault_point
+from .distributed import all_gather_object, barrier, dist_info, on_rank0
 from .neighbors import CosineIndex, choose_backend
 from .perturbation import gather_rows, scatter_rows
 
@@ -31,17 +31,6 @@ ProjectFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # sentences per chunk of the neighbour search: bounds memory at chunk x C floats
 NEIGHBOR_CHUNK = 32768
-
-
-def _dist_info() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def load_embedding_matrix(path: str) -> Dict[str, torch.Tensor]:
@@ -115,64 +104,82 @@ class ArchCache:
 
         emb = embedding_modules(model)
         dims = {s: int(m.embedding_dim) for s, m in emb.items() if s in self.sides}
-        rank, _ = _dist_info()
-        self.rank = rank
+        self.rank, self.world_size = dist_info()
         self.store = PerturbationCacheStore(
-            self.cache_dir,
-            self.dataset.src_sizes,
-            self.dataset.tgt_sizes,
-            dims,
-            self.fraction,
-            self.seed,
-            self.dtype,
-            self.num_neighbors,
-            rank=rank,
+            self.cache_dir, self.dataset.src_sizes, self.dataset.tgt_sizes, dims,
+            self.fraction, self.seed, self.dtype, self.num_neighbors,
         )
-        _barrier()
+        # rank 0 creates or checks the layout and stamps the dir with a token of this
+        # process group; every rank must read the same token back, else the ranks do
+        # not share one cache dir (multi-node without a shared filesystem).
+        token = on_rank0(self.store.create_or_check)
+        seen = all_gather_object(self.store.read_token())
+        if any(t != token for t in seen):
+            raise CacheMismatchError(
+                f"--arch-cache-dir {self.cache_dir} is not the same directory on every rank "
+                f"(tokens seen: {seen}): put it on a filesystem shared by all nodes"
+            )
         self.store.open_layout()
+        self._verified = False
         logger.info(
             f"ARCH cache {self.cache_dir}: {self.store.num_cached} of {self.store.n_sentences} "
             f"sentences cached (p={self.fraction}), "
             + ", ".join(f"{s} {self.store.expected_bytes(s) / 2**20:.1f} MiB" for s in self.store.sides)
         )
 
+    def _advance(self, epoch: int, model) -> dict:
+        """Rank 0: finalise a finished refresh, check the cache belongs to this epoch,
+        start the generation of a refresh epoch. Returns the new state."""
+        store = self.store
+        refresh = cache_math.is_refresh_epoch(epoch, self.refresh_interval)
+        state = store.read_state()
+        ip = state.get("in_progress")
+        if ip is not None and ip["epoch"] < epoch:
+            self._finalize(ip, model)
+            state = store.read_state()
+        elif ip is not None and ip["epoch"] > epoch:
+            # a refresh of a later epoch from an abandoned run (resumed from an older
+            # checkpoint): it will be recomputed when training gets there
+            logger.warning(f"ARCH cache: dropping the unfinished generation of epoch {ip['epoch']}")
+            state["in_progress"] = None
+            store.write_state(state)
+            store.remove_generations_except([state["current"]["name"]] if state.get("current") else [])
+        cur = state.get("current")
+        if not self._verified and cur is not None:
+            store.verify_generation(cur["name"])  # once per process: a resumed run reads it
+            self._verified = True
+        if refresh:
+            if cur is not None and cur["epoch"] >= epoch:
+                raise CacheMismatchError(
+                    f"{self.cache_dir} already holds the perturbations refreshed in epoch "
+                    f"{cur['epoch']}, but training is at epoch {epoch}: the cache is ahead of "
+                    "the checkpoint. Resume from checkpoint_last.pt or start a new cache dir."
+                )
+            ip = state.get("in_progress")
+            if ip is None or ip["epoch"] != epoch:
+                name = store.gen_name(epoch)
+                store.create_generation(name, cur["name"] if cur else None)
+                state["in_progress"] = {"name": name, "epoch": epoch, "base": cur["name"] if cur else None}
+                store.write_state(state)
+        else:
+            want = cache_math.last_refresh_epoch(epoch, self.refresh_interval)
+            if cur is None or cur["epoch"] != want:
+                raise CacheMismatchError(
+                    f"epoch {epoch} reuses the perturbations of epoch {want}, but "
+                    f"{self.cache_dir} holds {('those of epoch %d' % cur['epoch']) if cur else 'none'}: "
+                    "the cache dir does not belong to this checkpoint (deleted or replaced?)"
+                )
+        return state
+
     def begin_epoch(self, epoch: int, model) -> None:
         if self.store is None:
             self._setup(model)
         store = self.store
-        refresh = cache_math.is_refresh_epoch(epoch, self.refresh_interval)
-        if self.rank == 0:
-            state = store.read_state()
-            ip = state.get("in_progress")
-            if ip is not None and ip["epoch"] < epoch:
-                self._finalize(ip, model)
-                state = store.read_state()
-            cur = state.get("current")
-            if refresh:
-                if cur is not None and cur["epoch"] >= epoch:
-                    raise CacheMismatchError(
-                        f"{self.cache_dir} already holds the perturbations refreshed in epoch "
-                        f"{cur['epoch']}, but training is at epoch {epoch}: the cache is ahead of "
-                        "the checkpoint. Resume from checkpoint_last.pt or start a new cache dir."
-                    )
-                ip = state.get("in_progress")
-                if ip is None or ip["epoch"] != epoch:
-                    name = store.gen_name(epoch)
-                    store.create_generation(name, cur["name"] if cur else None)
-                    state["in_progress"] = {"name": name, "epoch": epoch,
-                                            "base": cur["name"] if cur else None}
-                    store.write_state(state)
-            else:
-                want = cache_math.last_refresh_epoch(epoch, self.refresh_interval)
-                if cur is None or cur["epoch"] != want:
-                    raise CacheMismatchError(
-                        f"epoch {epoch} reuses the perturbations of epoch {want}, but "
-                        f"{self.cache_dir} holds {('those of epoch %d' % cur['epoch']) if cur else 'none'}: "
-                        "the cache dir does not belong to this checkpoint (deleted or replaced?)"
-                    )
-        _barrier()
+        # every rank's rows of the last epoch must be on disk before rank 0 reads them
         store.close_maps()
-        state = store.read_state()
+        barrier()
+        state = on_rank0(lambda: self._advance(epoch, model))
+        refresh = cache_math.is_refresh_epoch(epoch, self.refresh_interval)
         self.epoch = epoch
         self.mode = "refresh" if refresh else "reuse"
         if refresh:
@@ -183,13 +190,19 @@ class ArchCache:
             assert store.is_complete(self.read_gen), f"generation {self.read_gen} is not complete"
             self.means = {s: store.load_array(self.read_gen, f"{s}_mean.npy") for s in store.sides}
             self.nbrs = {s: store.load_array(self.read_gen, f"{s}_nbr.npy") for s in store.sides}
+        self.state = state
         logger.info(f"ARCH epoch {epoch}: {self.mode} ({'fresh ascent' if refresh else 'cache only'})")
+
+    def flush(self) -> None:
+        """Make this rank's cache writes durable (called when a checkpoint is saved)."""
+        if self.store is not None and self.mode == "refresh":
+            self.store.flush(self.write_gen)
 
     def state_dict(self) -> dict:
         if self.store is None:
             return {}
         return {"cache_dir": self.cache_dir, "epoch": self.epoch, "mode": self.mode,
-                "state": self.store.read_state() if self.rank == 0 else None}
+                "state": getattr(self, "state", None)}
 
     # -- end of a refresh: means and neighbours ---------------------------------
 
@@ -248,11 +261,12 @@ class ArchCache:
         search_s = 0.0
         with torch.no_grad():
             for side in store.sides:
-                store.save_array(name, f"{side}_mean.npy",
-                                 cache_math.row_means(store.token_file(name, side), store.offsets[side]))
+                store.save_array_checked(name, f"{side}_mean.npy",
+                                         cache_math.row_means(store.token_file(name, side), store.offsets[side]))
                 t1 = time.perf_counter()
-                store.save_array(name, f"{side}_nbr.npy", self.compute_neighbors(side, model, ip["epoch"]))
+                store.save_array_checked(name, f"{side}_nbr.npy", self.compute_neighbors(side, model, ip["epoch"]))
                 search_s += time.perf_counter() - t1
+                fault_point("finalize")
         self.last_search_seconds = search_s
         store.mark_complete(name, {"epoch": ip["epoch"], "search_seconds": search_s,
                                    "backend": self.last_search_backend})
@@ -291,6 +305,7 @@ class ArchCache:
             for b, r in zip(other_b, rebuilt):
                 rows[b] = r
         delta = project(scatter_rows(rows, mask), mask)
+        fault_point("reuse_batch")
         return delta, len(cached_b), len(other_b)
 
     def store_fresh(self, sample_ids, side: str, fresh: torch.Tensor, mask: torch.Tensor, project: ProjectFn) -> torch.Tensor:
@@ -313,6 +328,7 @@ class ArchCache:
         new_c = project(cache_math.ema_update(base, fresh_c, self.ema), mask_c)
         rows = [r.detach().cpu().numpy() for r in gather_rows(new_c, mask_c)]
         self.store.write_rows(self.write_gen, side, pos[cached_b], rows)
+        fault_point("refresh_batch")
         # train on exactly what a reuse epoch will read back
         stored_dtype = torch.float16 if self.dtype == "float16" else torch.float32
         applied = fresh.clone()

@@ -20,11 +20,14 @@ memory does not grow with the cached tokens: rows are read and written through
 ``numpy.memmap`` and only the touched pages are resident.
 """
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import uuid
+import zlib
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -50,6 +53,22 @@ def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def fault_point(name: str) -> None:
+    """Crash-consistency tests: ``FAIRSEQ_ARCH_FAULT=<name>:<n>`` SIGKILLs this process
+    the n-th time it passes ``name``. Unset in normal runs (a dict lookup)."""
+    spec = os.environ.get("FAIRSEQ_ARCH_FAULT")
+    if not spec:
+        return
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    fault_point.hits = getattr(fault_point, "hits", 0) + 1
+    if fault_point.hits >= int(count or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def sizes_digest(src_sizes: np.ndarray, tgt_sizes: np.ndarray) -> str:
     h = hashlib.sha1()
     h.update(np.asarray(src_sizes, dtype=np.int64).tobytes())
@@ -69,7 +88,31 @@ def choose_cached_ids(n_sentences: int, fraction: float, seed: int) -> np.ndarra
 
 
 class CacheMismatchError(RuntimeError):
-    pass
+    """The cache dir does not belong to this run (other data, settings, or epoch)."""
+
+
+class CacheCorruptError(RuntimeError):
+    """A cache file is truncated or its contents changed since it was written."""
+
+
+def file_crc32(path: str, chunk: int = 1 << 24) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _disk_error(e: OSError, what: str) -> RuntimeError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RuntimeError(
+            f"no space left on device while {what}. The previous cache generation is intact; "
+            "free some space (or move --arch-cache-dir) and resume from checkpoint_last.pt"
+        )
+    return RuntimeError(f"I/O error while {what}: {e}")
 
 
 class PerturbationCacheStore:
@@ -85,7 +128,6 @@ class PerturbationCacheStore:
         seed: int,
         dtype: str,
         num_neighbors: int,
-        rank: int = 0,
     ):
         assert dtype in DTYPES, f"cache dtype must be one of {list(DTYPES)}, got {dtype!r}"
         assert set(dims) <= set(SIDES) and dims, f"dims must name sides among {SIDES}"
@@ -107,14 +149,31 @@ class PerturbationCacheStore:
             "dtype": dtype,
             "num_neighbors": int(num_neighbors),
         }
-        self.rank = rank
+        self.fraction, self.seed = fraction, seed
         self._layout_path = os.path.join(cache_dir, "layout.json")
         self._ids_path = os.path.join(cache_dir, "cached_ids.npy")
         self._state_path = os.path.join(cache_dir, "state.json")
-        if rank == 0:
-            self._create_or_check(fraction, seed)
+        self._token_path = os.path.join(cache_dir, "owner.token")
+        self._maps: Dict[str, np.memmap] = {}
 
     # -- layout ---------------------------------------------------------------
+
+    def create_or_check(self) -> str:
+        """Rank 0: make the layout (or check an existing one against this run) and
+        stamp the dir with a fresh token; returns the token."""
+        self._create_or_check(self.fraction, self.seed)
+        token = uuid.uuid4().hex
+        with open(self._token_path + ".tmp", "w") as f:
+            f.write(token)
+        os.replace(self._token_path + ".tmp", self._token_path)
+        return token
+
+    def read_token(self):
+        try:
+            with open(self._token_path) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
 
     def _create_or_check(self, fraction: float, seed: int) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -161,7 +220,6 @@ class PerturbationCacheStore:
         self.offsets = {
             s: np.concatenate([[0], np.cumsum(self.lengths[s])]).astype(np.int64) for s in SIDES
         }
-        self._maps: Dict[str, Dict[str, np.memmap]] = {}
 
     def expected_bytes(self, side: str) -> int:
         """Size of one side's token file: cached tokens x C x bytes (p x tokens x d x b)."""
@@ -189,22 +247,31 @@ class PerturbationCacheStore:
     # -- generations ----------------------------------------------------------
 
     def create_generation(self, name: str, base: Optional[str]) -> None:
-        """A new writable generation: a byte copy of ``base`` (or zeros)."""
+        """A new writable generation: a byte copy of ``base`` (or zeros), written
+        under a temporary name and renamed when whole. Its files are fully
+        allocated now, so a full disk fails here with a clear error, not later
+        with SIGBUS on a memory-mapped write."""
         d = self.gen_dir(name)
-        if os.path.exists(d):
-            shutil.rmtree(d)
         tmp = d + ".tmp"
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-        for side in self.sides:
-            path = os.path.join(tmp, f"{side}.bin")
-            if base is not None:
-                shutil.copyfile(os.path.join(self.gen_dir(base), f"{side}.bin"), path)
-            else:
-                with open(path, "wb") as f:
-                    f.truncate(self.expected_bytes(side))  # sparse zeros
-        os.replace(tmp, d)
+        for stale in (d, tmp):
+            if os.path.exists(stale):
+                shutil.rmtree(stale)
+        try:
+            os.makedirs(tmp)
+            for side in self.sides:
+                path = os.path.join(tmp, f"{side}.bin")
+                if base is not None:
+                    shutil.copyfile(os.path.join(self.gen_dir(base), f"{side}.bin"), path)
+                else:
+                    with open(path, "wb") as f:
+                        if self.expected_bytes(side) > 0:
+                            os.posix_fallocate(f.fileno(), 0, self.expected_bytes(side))
+            fault_point("create_generation")
+            os.replace(tmp, d)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_error(e, f"creating cache generation {d} "
+                                 f"({sum(self.expected_bytes(s) for s in self.sides)} bytes)") from e
 
     def _map(self, name: str, side: str, writable: bool) -> np.memmap:
         key = f"{name}/{side}/{'w' if writable else 'r'}"
@@ -226,7 +293,7 @@ class PerturbationCacheStore:
         return cache[key]
 
     def close_maps(self) -> None:
-        for m in getattr(self, "_maps", {}).values():
+        for m in self._maps.values():
             if isinstance(m, np.memmap):
                 m.flush()
         self._maps = {}
@@ -259,8 +326,41 @@ class PerturbationCacheStore:
     def load_array(self, name: str, filename: str) -> np.ndarray:
         return np.load(os.path.join(self.gen_dir(name), filename), mmap_mode="r")
 
+    def save_array_checked(self, name: str, filename: str, arr: np.ndarray) -> None:
+        try:
+            self.save_array(name, filename, arr)
+        except OSError as e:
+            raise _disk_error(e, f"writing {os.path.join(self.gen_dir(name), filename)}") from e
+
     def mark_complete(self, name: str, info: dict) -> None:
-        _atomic_write_json(os.path.join(self.gen_dir(name), "COMPLETE"), info)
+        """Seal a generation: checksums of all its files, then the COMPLETE marker."""
+        self.flush(name)
+        d = self.gen_dir(name)
+        files = sorted(f for f in os.listdir(d) if f.endswith((".bin", ".npy")))
+        info = dict(info, crc32={f: file_crc32(os.path.join(d, f)) for f in files})
+        _atomic_write_json(os.path.join(d, "COMPLETE"), info)
+
+    def verify_generation(self, name: str) -> None:
+        """Detect truncated or modified files of a complete generation."""
+        d = self.gen_dir(name)
+        if not self.is_complete(name):
+            raise CacheCorruptError(f"{d} is not a complete cache generation (COMPLETE missing)")
+        with open(os.path.join(d, "COMPLETE")) as f:
+            sums = json.load(f).get("crc32", {})
+        for side in self.sides:
+            path = os.path.join(d, f"{side}.bin")
+            if not os.path.exists(path) or os.path.getsize(path) != self.expected_bytes(side):
+                raise CacheCorruptError(
+                    f"{path} is missing or has the wrong size (expected {self.expected_bytes(side)} bytes): "
+                    "truncated or from another run; delete the cache dir to recompute it"
+                )
+        for fname, want in sums.items():
+            got = file_crc32(os.path.join(d, fname))
+            if got != want:
+                raise CacheCorruptError(
+                    f"{os.path.join(d, fname)} is corrupted (crc32 {got}, written as {want}); "
+                    "delete the cache dir to recompute it"
+                )
 
     def remove_generations_except(self, keep: Sequence[str]) -> None:
         self.close_maps()

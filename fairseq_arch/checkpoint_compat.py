@@ -3,9 +3,11 @@
 torch 2.6 made ``torch.load(weights_only=True)`` the default; fairseq 0.12's
 ``checkpoint_utils`` calls ``torch.load(f, map_location=...)`` on checkpoints that
 hold its config, meters and optimizer history, so ``fairseq-generate`` fails with an
-``UnpicklingError``. We give ``fairseq.checkpoint_utils`` (and only it) a ``torch``
-whose ``load`` defaults to ``weights_only=False``, fairseq's behaviour before torch
-2.6. As always with fairseq checkpoints (pickles): load only files you trust.
+``UnpicklingError``; ``distributed.utils`` does the same when rank 0 broadcasts a
+loaded checkpoint to the other ranks (multi-GPU resume fails on rank 1). We give
+those two fairseq modules (and only them) a ``torch`` whose ``load`` defaults to
+``weights_only=False``, fairseq's behaviour before torch 2.6. As always with fairseq
+checkpoints (pickles): load only files you trust.
 """
 
 import types
@@ -30,6 +32,8 @@ class _TorchWithTrustedLoad(types.ModuleType):
 
 def install() -> None:
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
 
-    if not isinstance(checkpoint_utils.torch, _TorchWithTrustedLoad):
-        checkpoint_utils.torch = _TorchWithTrustedLoad(torch)
+    for module in (checkpoint_utils, distributed_utils):
+        if not isinstance(module.torch, _TorchWithTrustedLoad):
+            module.torch = _TorchWithTrustedLoad(torch)

@@ -71,8 +71,10 @@ def test_fairseq_checkpoints_need_our_torch_load_fix():
     fairseq's own loader work (and only it)."""
     import fairseq_arch  # noqa: F401
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
 
     assert checkpoint_utils.torch.load is not torch.load
+    assert distributed_utils.torch.load is not torch.load  # rank 0 -> rank N checkpoint broadcast
     assert torch.load.__module__ == "torch.serialization"  # global torch.load untouched
 
 

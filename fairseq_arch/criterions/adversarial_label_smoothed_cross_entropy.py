@@ -126,6 +126,7 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         self.sides = ["source", "target"] if str(adv_sides) == "both" else [str(adv_sides)]
         self.adv_kl = str(adv_kl)
         self.seed = seed
+        self.dummy_batch = False  # set by the task for fairseq's dummy batches
 
     # -- helpers ---------------------------------------------------------------
 
@@ -204,7 +205,12 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
 
         stats = {"arch_fresh": 0, "arch_cached": 0, "arch_rebuilt": 0, "adv_skipped": 0}
         skip = False
-        if cache.mode == "refresh":
+        if self.dummy_batch:
+            # never read or write the cache with a dummy batch's ids; zero perturbation
+            delta = {s: masks[s].new_zeros(*masks[s].shape, 1).float().expand(-1, -1, d).contiguous()
+                     for s, d in (("source", core.encoder.embed_tokens.embedding_dim),
+                                  ("target", core.decoder.embed_tokens.embedding_dim)) if s in self.sides}
+        elif cache.mode == "refresh":
             try:
                 fresh = self._ascent(core, sample, teacher, tgt_mask, masks, cache.epoch, counts)
             except FloatingPointError:

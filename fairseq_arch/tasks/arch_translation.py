@@ -156,3 +156,22 @@ class ArchTranslationTask(TranslationTask):
         # logged inside fairseq's "train" aggregation: shows up in the epoch summary
         metrics.log_scalar("arch_nn_search_s", self.arch_cache.last_search_seconds, priority=900, round=3)
         self.state.merge_state_dict({"arch_cache": self.arch_cache.state_dict()})
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        # ignore_grad marks fairseq's dummy batches (a rank with no data left, OOM
+        # retries): a stand-in sample, possibly from the valid set, whose ids must
+        # never touch the cache. The criterion still runs both forwards so that
+        # every rank's autograd graph has the same shape.
+        criterion.dummy_batch = bool(ignore_grad)
+        try:
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        finally:
+            criterion.dummy_batch = False
+
+    def state_dict(self):
+        # called when fairseq saves a checkpoint: make the rows written so far
+        # durable, so a crash after this checkpoint cannot lose them
+        if self.arch_cache is not None:
+            self.arch_cache.flush()
+            self.state.merge_state_dict({"arch_cache": self.arch_cache.state_dict()})
+        return super().state_dict()
