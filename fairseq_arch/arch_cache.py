@@ -266,7 +266,7 @@ class ArchCache:
                 t1 = time.perf_counter()
                 store.save_array_checked(name, f"{side}_nbr.npy", self.compute_neighbors(side, model, ip["epoch"]))
                 search_s += time.perf_counter() - t1
-                fault_point("finalize")
+                fault_point(f"finalize@{ip['epoch']}")
         self.last_search_seconds = search_s
         store.mark_complete(name, {"epoch": ip["epoch"], "search_seconds": search_s,
                                    "backend": self.last_search_backend})
@@ -305,7 +305,7 @@ class ArchCache:
             for b, r in zip(other_b, rebuilt):
                 rows[b] = r
         delta = project(scatter_rows(rows, mask), mask)
-        fault_point("reuse_batch")
+        fault_point(f"reuse_batch@{self.epoch}")
         return delta, len(cached_b), len(other_b)
 
     def store_fresh(self, sample_ids, side: str, fresh: torch.Tensor, mask: torch.Tensor, project: ProjectFn) -> torch.Tensor:
@@ -328,7 +328,7 @@ class ArchCache:
         new_c = project(cache_math.ema_update(base, fresh_c, self.ema), mask_c)
         rows = [r.detach().cpu().numpy() for r in gather_rows(new_c, mask_c)]
         self.store.write_rows(self.write_gen, side, pos[cached_b], rows)
-        fault_point("refresh_batch")
+        fault_point(f"refresh_batch@{self.epoch}")
         # train on exactly what a reuse epoch will read back
         stored_dtype = torch.float16 if self.dtype == "float16" else torch.float32
         applied = fresh.clone()

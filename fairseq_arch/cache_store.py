@@ -266,7 +266,7 @@ class PerturbationCacheStore:
                     with open(path, "wb") as f:
                         if self.expected_bytes(side) > 0:
                             os.posix_fallocate(f.fileno(), 0, self.expected_bytes(side))
-            fault_point("create_generation")
+            fault_point(f"create_generation@{name}")
             os.replace(tmp, d)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)

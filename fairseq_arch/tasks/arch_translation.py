@@ -134,6 +134,18 @@ class ArchTranslationTask(TranslationTask):
             )
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
 
+    def get_batch_iterator(self, dataset, *args, seed=1, epoch=1, **kwargs):
+        # fairseq 0.12 breaks length-sorting ties with numpy_seed(seed + epoch) of the
+        # epoch the iterator is *built* in: a run resumed at epoch e batches the
+        # training set differently from the uninterrupted run, which built its
+        # iterator at epoch 1 (the measured "resume drift" of plain fairseq). Build
+        # the training batches as at epoch 1, keep `seed` for the per-epoch shuffle.
+        if dataset is self.datasets.get(self.cfg.train_subset) and not getattr(self.cfg, "rebuild_batches", False):
+            itr = super().get_batch_iterator(dataset, *args, seed=seed + 1 - epoch, epoch=epoch, **kwargs)
+            itr.seed = seed
+            return itr
+        return super().get_batch_iterator(dataset, *args, seed=seed, epoch=epoch, **kwargs)
+
     def begin_epoch(self, epoch, model):
         super().begin_epoch(epoch, model)
         if self.arch_cache is None:
