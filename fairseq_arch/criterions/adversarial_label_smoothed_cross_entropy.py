@@ -1,21 +1,32 @@
-"""Criterion ``adversarial_label_smoothed_cross_entropy``:
-label-smoothed CE on the clean input + ``lambda * KL(f(x) || f(x + delta))``.
+"""Criterion ``adversarial_label_smoothed_cross_entropy``: label-smoothed CE plus an
+adversarial regularizer on the token embeddings, for every method of the paper's
+tables (``--adv-method``), through one perturbation/injection code path:
 
-``delta`` perturbs the token-embedding lookup of the source and of the decoder
-input (before the sqrt(d) scale). With ``--task arch_translation`` it comes from
-ARCH's cache: fresh projected gradient ascent on refresh epochs, cache reads and
-neighbour rebuilds on the others.
+- ``none``:   label-smoothed CE only.
+- ``r3f``:    CE + lambda * KL(f(x) || f(x + noise)), random noise, no ascent
+              (Aghajanyan et al. 2020; symmetric KL by default).
+- ``smart``:  CE + lambda * KL(f(x) || f(x + delta)), delta by S projected ascent steps
+              every update (the adversarial part of Jiang et al. 2020).
+- ``freelb``: mean over t = 0..S of CE(x + delta_t), delta_{t+1} = Proj(delta_t + eta g/||g||)
+              with g the CE gradient; parameter gradients of all S+1 steps accumulate
+              into one backward ("free" large batch, Zhu et al. 2020). No clean term.
+- ``arch``:   as smart on refresh epochs, cached/rebuilt perturbations on the others
+              (needs ``--task arch_translation``).
+``--adv-lambda 0`` turns every method into ``none`` exactly.
 
-Forward/backward counting (used in the logs and asserted in the tests): every call
-of the model is one forward; every gradient computation is one backward (each
-``torch.autograd.grad`` of an ascent step, plus the trainer's ``loss.backward()``).
-Per batch, with S ascent steps:
+delta perturbs the token-embedding lookup of the source and of the decoder input
+(before the sqrt(d) scale). The clean prediction f(x) is a fixed (detached) teacher.
 
-    refresh epoch:  S + 2 forwards (clean, S ascent, final perturbed), S + 1 backwards
-    reuse epoch:    2 forwards (clean, perturbed),                     1 backward
+Forward/backward counting (logged, and asserted in the tests): every model call is a
+forward; every gradient computation is a backward (each ``torch.autograd.grad`` of an
+ascent step plus the trainer's ``loss.backward()``). Per batch, S = ``--adv-steps``:
 
-Table 1 of the paper counts one forward fewer on refresh epochs
-(2 + (S-1)/Tc amortised), i.e. it does not count the forward at the random start.
+    none   1 forward,   1 backward        r3f     2 forwards, 1 backward
+    smart  S+2, S+1                       freelb  S+1, S+1
+    arch   refresh epoch S+2, S+1;  other epochs 2, 1
+
+The paper's Table 1 counts one forward fewer for smart and for ARCH's refresh epochs
+(it does not count the forward at the random start): SMART 1+S, ARCH 2+(S-1)/Tc.
 """
 
 import math
@@ -40,8 +51,14 @@ from ..perturbation import ascent_step, divergence, project, seeded_init, senten
 SIDE_IDS = {"source": 0, "target": 1}
 
 
+METHODS = ("none", "r3f", "smart", "freelb", "arch")
+
+
 @dataclass
 class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    adv_method: ChoiceEnum(list(METHODS)) = field(
+        default="arch", metadata={"help": "regularization method: none | r3f | smart | freelb | arch "
+                                  "(arch needs --task arch_translation)"})
     adv_lambda: float = field(default=1.0, metadata={"help": "lambda: weight of the adversarial regularizer; 0 = plain label smoothing"})
     adv_eps: float = field(default=0.1, metadata={"help": "epsilon: radius of the perturbation ball"})
     adv_steps: int = field(default=3, metadata={"help": "S: projected gradient ascent steps per fresh perturbation"})
@@ -49,16 +66,18 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
     adv_norm: ChoiceEnum(["l2", "linf"]) = field(default="l2", metadata={"help": "norm of the perturbation ball"})
     adv_granularity: ChoiceEnum(["sentence", "word"]) = field(
         default="sentence", metadata={"help": "one ball per sentence (paper) or one per token"})
-    adv_init: ChoiceEnum(["uniform", "normal"]) = field(
-        default="uniform", metadata={"help": "initial perturbation: uniform in the ball, or gaussian"})
+    adv_init: Optional[ChoiceEnum(["uniform", "normal"])] = field(
+        default=None, metadata={"help": "initial perturbation: uniform in the ball, or gaussian "
+                                "(default: normal for r3f, uniform otherwise)"})
     adv_init_scale: Optional[float] = field(
         default=None, metadata={"help": "uniform: radius of the init ball (default --adv-eps); "
-                                "normal: per-coordinate std (default 1e-5)"})
+                                "normal: per-coordinate std (default 1e-5, as R3F)"})
     adv_sides: ChoiceEnum(["both", "source", "target"]) = field(
         default="both", metadata={"help": "which embeddings are perturbed: encoder input, decoder input, or both"})
-    adv_kl: ChoiceEnum(["forward", "symmetric"]) = field(
-        default="forward", metadata={"help": "forward = KL(f(x) || f(x+delta)) as in the paper; "
-                                     "symmetric = (KL(p||q) + KL(q||p)) / 2"})
+    adv_kl: Optional[ChoiceEnum(["forward", "symmetric"])] = field(
+        default=None, metadata={"help": "forward = KL(f(x) || f(x+delta)) as in the paper; "
+                                "symmetric = (KL(p||q) + KL(q||p)) / 2 (default: symmetric for r3f, "
+                                "forward otherwise)"})
     seed: int = II("common.seed")
 
 
@@ -73,6 +92,30 @@ def validate_adv_config(c) -> None:
         raise ValueError(f"--adv-step-size must be > 0, got {c.adv_step_size}")
     if c.adv_init_scale is not None and c.adv_init_scale <= 0:
         raise ValueError(f"--adv-init-scale must be > 0, got {c.adv_init_scale}")
+    if c.adv_method not in METHODS:
+        raise ValueError(f"--adv-method must be one of {METHODS}, got {c.adv_method!r}")
+    if c.adv_method == "freelb" and c.adv_steps < 1:
+        raise ValueError("--adv-method freelb needs --adv-steps >= 1 (its ascent steps)")
+
+
+def _latest_gnorm():
+    """The gradient norm fairseq logged for the update being reduced (None if it
+    logged none, e.g. a skipped non-finite update)."""
+    for agg in metrics.get_active_aggregators():
+        meter = agg.get("gnorm")
+        if meter is not None and getattr(meter, "count", 0):
+            key = (id(agg), meter.count)
+            if key == getattr(_latest_gnorm, "seen", None):
+                return None  # no new gnorm since the last reduction
+            _latest_gnorm.seen = key
+            return float(meter.val)
+    return None
+
+
+def _gnorm_var(meters) -> float:
+    if "gnorm" not in meters or "gnorm_sq" not in meters:
+        return float("nan")
+    return round(max(float(meters["gnorm_sq"].avg) - float(meters["gnorm"].avg) ** 2, 0.0), 5)
 
 
 def _register(name, dataclass):
@@ -83,7 +126,6 @@ def _register(name, dataclass):
 
 @_register("adversarial_label_smoothed_cross_entropy", AdversarialLabelSmoothedCrossEntropyCriterionConfig)
 class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
-    uses_arch_cache = True
 
     def __init__(
         self,
@@ -98,21 +140,28 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         adv_step_size=0.1,
         adv_norm="l2",
         adv_granularity="sentence",
-        adv_init="uniform",
+        adv_init=None,
         adv_init_scale=None,
         adv_sides="both",
-        adv_kl="forward",
+        adv_kl=None,
+        adv_method="arch",
         seed=1,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        adv_method = str(adv_method)
         validate_adv_config(SimpleNamespace(
             adv_lambda=adv_lambda, adv_eps=adv_eps, adv_steps=adv_steps, adv_step_size=adv_step_size,
-            adv_init_scale=adv_init_scale))
-        if not hasattr(task, "arch_cache"):
+            adv_init_scale=adv_init_scale, adv_method=adv_method))
+        if adv_method == "arch" and not hasattr(task, "arch_cache"):
             raise ValueError(
-                "--criterion adversarial_label_smoothed_cross_entropy runs ARCH, which needs its cache: "
-                f"use --task arch_translation (got --task {type(task).__name__})"
+                "--adv-method arch (the default) needs its cache: use --task arch_translation "
+                f"(got --task {type(task).__name__}); none, r3f, smart and freelb run with any translation task"
             )
+        self.adv_method = adv_method
+        if adv_init is None:
+            adv_init = "normal" if adv_method == "r3f" else "uniform"
+        if adv_kl is None:
+            adv_kl = "symmetric" if adv_method == "r3f" else "forward"
         self.adv_lambda = adv_lambda
         self.adv_eps = adv_eps
         self.adv_steps = adv_steps
@@ -127,6 +176,11 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         self.adv_kl = str(adv_kl)
         self.seed = seed
         self.dummy_batch = False  # set by the task for fairseq's dummy batches
+        self._batches_seen = 0  # seeds fresh noise when the task has no epoch (plain translation)
+
+    @property
+    def uses_arch_cache(self) -> bool:
+        return self.adv_method == "arch"
 
     # -- helpers ---------------------------------------------------------------
 
@@ -145,22 +199,47 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         check_applied(applied, d_src, d_tgt)
         return out
 
-    def _ascent(self, core, sample, teacher, tgt_mask, masks, epoch, counts):
-        """Fresh perturbations: seeded init in the ball, then S projected ascent steps
-        on the divergence, with gradients w.r.t. delta only (parameter .grad and DDP
-        hooks are not touched: ``core`` is the unwrapped model)."""
+    def _noise_key(self) -> int:
+        """The "epoch" part of a sample's init seed: the epoch with arch_translation
+        (same noise for a sample whatever rank/batch it is in), else a batch counter."""
+        cache = getattr(self.task, "arch_cache", None)
+        if cache is not None and cache.epoch is not None:
+            return cache.epoch
+        return 1_000_000 + self._batches_seen
+
+    def _init(self, core, sample, masks, key, project_to_ball=True):
+        """Seeded initial perturbation of every perturbed side (B x T x C, fp32)."""
         ids = sample["id"].tolist()
         dims = {"source": core.encoder.embed_tokens.embedding_dim,
                 "target": core.decoder.embed_tokens.embedding_dim}
         delta = {}
         for side in self.sides:
-            d = seeded_init(ids, masks[side].cpu(), dims[side], self.seed, epoch, SIDE_IDS[side],
+            d = seeded_init(ids, masks[side].cpu(), dims[side], self.seed, key, SIDE_IDS[side],
                             self.adv_init, self.adv_init_scale, self.adv_norm, self.adv_granularity)
-            delta[side] = self.project(d.to(masks[side].device), masks[side])
+            d = d.to(masks[side].device)
+            delta[side] = self.project(d, masks[side]) if project_to_ball else d
+        return delta
+
+    def _ascent_scale(self, core) -> float:
         # fp16 models: scale the objective so the ascent gradient does not underflow;
         # the normalised step g/||g|| is invariant to the scale.
-        half = next(core.parameters()).dtype == torch.float16
-        scale = 1024.0 if half else 1.0
+        return 1024.0 if next(core.parameters()).dtype == torch.float16 else 1.0
+
+    def _step(self, delta, grads, masks):
+        out = {}
+        for side, g in zip(self.sides, grads):
+            if not torch.isfinite(g).all():
+                raise FloatingPointError("non-finite ascent gradient")
+            out[side] = ascent_step(delta[side].detach(), g, masks[side], self.adv_eps,
+                                    self.adv_step_size, self.adv_norm, self.adv_granularity)
+        return out
+
+    def _ascent(self, core, sample, teacher, tgt_mask, masks, key, counts):
+        """Fresh perturbations: seeded init in the ball, then S projected ascent steps
+        on the divergence, with gradients w.r.t. delta only (parameter .grad and DDP
+        hooks are not touched: ``core`` is the unwrapped model)."""
+        delta = self._init(core, sample, masks, key)
+        scale = self._ascent_scale(core)
         for _ in range(self.adv_steps):
             for side in self.sides:
                 delta[side] = delta[side].detach().requires_grad_(True)
@@ -170,27 +249,60 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
             obj = divergence(teacher, student, tgt_mask, self.adv_kl) * scale
             grads = torch.autograd.grad(obj, [delta[s] for s in self.sides])
             counts["bwd"] += 1
-            for side, g in zip(self.sides, grads):
-                if not torch.isfinite(g).all():
-                    raise FloatingPointError("non-finite ascent gradient")
-                delta[side] = ascent_step(delta[side].detach(), g, masks[side], self.adv_eps,
-                                          self.adv_step_size, self.adv_norm, self.adv_granularity)
+            delta = self._step(delta, grads, masks)
         return {s: d.detach() for s, d in delta.items()}
+
+    def _freelb(self, model, sample, masks, counts):
+        """FreeLB: the CE at S+1 perturbations, each one ascent step from the last;
+        the S+1 graphs share one backward, so parameter gradients are their mean."""
+        core = unwrap_model(model)
+        delta = self._init(core, sample, masks, self._noise_key())
+        scale = self._ascent_scale(core)
+        losses, nlls = [], []
+        for t in range(self.adv_steps + 1):
+            for side in self.sides:
+                delta[side] = delta[side].detach().requires_grad_(True)
+            out = self._perturbed_forward(model, sample["net_input"], delta)
+            counts["fwd"] += 1
+            loss_t, nll_t = self.compute_loss(model, out, sample, reduce=True)
+            losses.append(loss_t)
+            nlls.append(nll_t.detach())
+            if t < self.adv_steps:
+                grads = torch.autograd.grad(loss_t * scale, [delta[s] for s in self.sides], retain_graph=True)
+                counts["bwd"] += 1
+                delta = self._step(delta, grads, masks)
+        return torch.stack(losses).mean(), torch.stack(nlls).mean(), {s: d.detach() for s, d in delta.items()}
 
     # -- main ------------------------------------------------------------------
 
     def forward(self, model, sample, reduce=True):
-        if not (model.training and reduce and self.adv_lambda > 0):
+        plain = self.adv_method == "none" or self.adv_lambda == 0
+        if not (model.training and reduce) or plain:
             loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
             if model.training:
                 logging_output.update(adv_fwd=1, adv_bwd=1, adv_batches=1)
             return loss, sample_size, logging_output
-
-        cache = self.task.arch_cache
-        assert cache is not None and cache.mode is not None, "arch cache not started (begin_epoch not called?)"
+        self._batches_seen += 1
         counts = {"fwd": 0, "bwd": 0}
         net_input = sample["net_input"]
         core = unwrap_model(model)
+        masks = {"source": net_input["src_tokens"].ne(self.padding_idx),
+                 "target": net_input["prev_output_tokens"].ne(self.padding_idx)}
+        ids = sample["id"].tolist()
+        n = len(ids)
+        stats = {"arch_fresh": 0, "arch_cached": 0, "arch_rebuilt": 0, "adv_skipped": 0}
+
+        if self.adv_method == "freelb":
+            try:
+                loss, nll_loss, delta = self._freelb(model, sample, masks, counts)
+            except FloatingPointError:
+                # a non-finite ascent: train this batch on the clean CE instead, count it
+                counts = {"fwd": counts["fwd"], "bwd": counts["bwd"]}
+                loss, nll_loss = self.compute_loss(model, model(**net_input), sample, reduce=True)
+                counts["fwd"] += 1
+                delta, stats["adv_skipped"] = {}, 1
+            counts["bwd"] += 1
+            return self._outputs(sample, loss, loss, nll_loss, loss.new_zeros(()), delta, masks, counts, stats, None, model)
 
         net_output = model(**net_input)  # clean forward, through the DDP wrapper
         counts["fwd"] += 1
@@ -198,34 +310,36 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         teacher, target = self._lprobs_fp32(model, net_output, sample)
         teacher = teacher.detach()
         tgt_mask = target.ne(self.padding_idx)
-        masks = {"source": net_input["src_tokens"].ne(self.padding_idx),
-                 "target": net_input["prev_output_tokens"].ne(self.padding_idx)}
-        ids = sample["id"].tolist()
-        n = len(ids)
 
-        stats = {"arch_fresh": 0, "arch_cached": 0, "arch_rebuilt": 0, "adv_skipped": 0}
         skip = False
+        cache = getattr(self.task, "arch_cache", None) if self.adv_method == "arch" else None
         if self.dummy_batch:
-            # never read or write the cache with a dummy batch's ids; zero perturbation
-            delta = {s: masks[s].new_zeros(*masks[s].shape, 1).float().expand(-1, -1, d).contiguous()
+            # a dummy batch's ids must never touch the cache: zero perturbation
+            delta = {s: torch.zeros(*masks[s].shape, d, device=masks[s].device)
                      for s, d in (("source", core.encoder.embed_tokens.embedding_dim),
                                   ("target", core.decoder.embed_tokens.embedding_dim)) if s in self.sides}
-        elif cache.mode == "refresh":
+        elif self.adv_method == "r3f":
+            delta = self._init(core, sample, masks, self._noise_key(), project_to_ball=False)
+        elif self.adv_method == "smart" or (cache is not None and cache.mode == "refresh"):
+            assert self.adv_method == "smart" or cache.mode is not None, "arch cache not started"
+            key = cache.epoch if cache is not None else self._noise_key()
             try:
-                fresh = self._ascent(core, sample, teacher, tgt_mask, masks, cache.epoch, counts)
+                fresh = self._ascent(core, sample, teacher, tgt_mask, masks, key, counts)
             except FloatingPointError:
                 fresh, skip = None, True
-            if fresh is not None:
+            if fresh is not None and cache is not None:
                 delta = {s: cache.store_fresh(ids, s, fresh[s], masks[s], self.project) for s in self.sides}
                 stats["arch_fresh"] = n
+            else:
+                delta = fresh
         else:
+            assert cache is not None and cache.mode == "reuse", "arch cache not started (begin_epoch not called?)"
             delta = {}
             for s in self.sides:
                 delta[s], n_cached, n_rebuilt = cache.read(ids, s, masks[s], self.project)
             stats["arch_cached"], stats["arch_rebuilt"] = n_cached, n_rebuilt
 
         reg = loss.new_zeros(())
-        norm_sum, norm_count = 0.0, 0
         if not skip:
             adv_output = self._perturbed_forward(model, net_input, delta)
             counts["fwd"] += 1
@@ -234,18 +348,22 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
             if not torch.isfinite(reg):
                 # never let a non-finite regulariser poison the model: drop it, count it
                 reg, skip = loss.new_zeros(()), True
-            for s in self.sides:
-                norms = sentence_norms(delta[s], masks[s])
-                norm_sum += float(norms.sum())
-                norm_count += norms.numel()
         stats["adv_skipped"] = int(skip)
         counts["bwd"] += 1  # the trainer's backward of the total loss
-
         total = loss + self.adv_lambda * reg.to(loss.dtype)
+        return self._outputs(sample, total, loss, nll_loss, reg, delta if not skip else {}, masks, counts,
+                             stats, net_output, model)
+
+    def _outputs(self, sample, total, ls_loss, nll_loss, reg, delta, masks, counts, stats, net_output, model):
+        norm_sum, norm_count = 0.0, 0
+        for s, d in (delta or {}).items():
+            norms = sentence_norms(d, masks[s])
+            norm_sum += float(norms.sum())
+            norm_count += norms.numel()
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {
             "loss": total.data,
-            "ls_loss": loss.data,
+            "ls_loss": ls_loss.data,
             "nll_loss": nll_loss.data,
             "adv_loss": reg.data,
             "adv_delta_norm": norm_sum,
@@ -254,11 +372,11 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
             "adv_bwd": counts["bwd"],
             "adv_batches": 1,
             "ntokens": sample["ntokens"],
-            "nsentences": n,
+            "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
             **stats,
         }
-        if self.report_accuracy:
+        if self.report_accuracy and net_output is not None:
             n_correct, tot = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = utils.item(n_correct.data)
             logging_output["total"] = utils.item(tot.data)
@@ -286,6 +404,13 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         metrics.log_scalar("adv_bwd_per_batch", total("adv_bwd") / batches, batches, round=2)
         for key in ("arch_fresh", "arch_cached", "arch_rebuilt", "adv_skipped"):
             metrics.log_scalar_sum(key, total(key), round=0)
+        # Fig. 3: variance of the global gradient norm. fairseq logs this update's
+        # "gnorm" just before it reduces the criterion's metrics; log its square too
+        # so that every aggregation (log interval, epoch) has E[g^2] - E[g]^2.
+        gnorm = _latest_gnorm()
+        if gnorm is not None:
+            metrics.log_scalar("gnorm_sq", gnorm ** 2, priority=401, round=3)
+            metrics.log_derived("gnorm_var", _gnorm_var, priority=402)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -118,12 +118,15 @@ class ArchTranslationTask(TranslationTask):
 
     def build_criterion(self, cfg):
         criterion = super().build_criterion(cfg)
-        if not getattr(criterion, "uses_arch_cache", False):
+        if not hasattr(criterion, "adv_method"):
             raise ValueError(
                 f"--task arch_translation needs a criterion that uses its cache "
                 f"(--criterion adversarial_label_smoothed_cross_entropy), got {type(criterion).__name__}"
             )
         self.arch_sides = list(criterion.sides)  # the cache stores only the perturbed sides
+        # other methods (none, r3f, smart, freelb) run on this task without any cache,
+        # so every row of the paper's tables differs by flags only
+        self.arch_enabled = criterion.uses_arch_cache
         return criterion
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
@@ -148,6 +151,8 @@ class ArchTranslationTask(TranslationTask):
 
     def begin_epoch(self, epoch, model):
         super().begin_epoch(epoch, model)
+        if not getattr(self, "arch_enabled", True):
+            return
         if self.arch_cache is None:
             self.arch_cache = ArchCache(
                 self.cache_dir,

@@ -1,0 +1,161 @@
+"""Every method of the paper's tables under one criterion (--adv-method): Table 1
+counts, lambda = 0 equals `none`, FreeLB's accumulated gradient, task requirements,
+and a short fairseq-train run of each method through the CLI.
+
+Counting (same for every method, see the criterion's docstring): each model call is
+a forward, each gradient computation (ascent autograd.grad, the trainer's backward)
+a backward. Literal counts per batch with S ascent steps:
+none 1/1, r3f 2/1, smart S+2/S+1, freelb S+1/S+1, arch refresh S+2/S+1 and reuse 2/1.
+Table 1 of the paper: SMART 1+S / 1+S (one forward fewer: the forward at the random
+start is not counted), FreeLB 1+S / 1+S, R3F 2 / 1.
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+from fairseq_arch.injection import unwrap_model
+
+from . import utils
+
+ENV = dict(os.environ, PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    utils.quiet_logs()
+    return utils.make_toy_data(str(tmp_path_factory.mktemp("toy_methods")), n_train=120, n_valid=10, n_test=10)
+
+
+def build(data_dir, tmp_path, method, extra=(), task="arch_translation"):
+    _, task_obj, model, crit = utils.build_components(
+        data_dir, ["--adv-method", method, "--task", task, *extra], save_dir=str(tmp_path))
+    if task == "arch_translation":
+        task_obj.begin_epoch(1, model)
+    model.train()
+    return task_obj, model, crit
+
+
+def counted_step(model, crit, batch, monkeypatch):
+    counter = {"fwd": 0, "grad": 0}
+    h = unwrap_model(model).decoder.register_forward_hook(lambda *a: counter.__setitem__("fwd", counter["fwd"] + 1))
+    real = torch.autograd.grad
+
+    def grad(*a, **k):
+        counter["grad"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    loss, _, log = crit(model, batch)
+    loss.backward()
+    monkeypatch.setattr(torch.autograd, "grad", real)
+    h.remove()
+    return counter["fwd"], counter["grad"] + 1, log
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("method,want", [
+    ("none", lambda s: (1, 1)),
+    ("r3f", lambda s: (2, 1)),
+    ("smart", lambda s: (s + 2, s + 1)),
+    ("freelb", lambda s: (s + 1, s + 1)),
+    ("arch", lambda s: (s + 2, s + 1)),  # refresh epoch; reuse epochs: tests/test_criterion.py
+])
+def test_table1_counts_per_method(data_dir, tmp_path, monkeypatch, method, want, steps):
+    task, model, crit = build(data_dir, tmp_path, method, ["--adv-steps", str(steps)])
+    fwd, bwd, log = counted_step(model, crit, utils.batches(task)[0], monkeypatch)
+    assert (fwd, bwd) == want(steps)
+    assert (log["adv_fwd"], log["adv_bwd"]) == want(steps)  # what the training log reports
+
+
+@pytest.mark.parametrize("method", ["r3f", "smart", "freelb", "arch"])
+def test_lambda_zero_is_exactly_none(data_dir, tmp_path, method):
+    def loss_and_grads(m):
+        task, model, crit = build(data_dir, tmp_path / m, m, ["--adv-lambda", "0"] if m != "none" else [])
+        loss, _, _ = crit(model, utils.batches(task)[0])
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    la, ga = loss_and_grads("none")
+    torch.manual_seed(0)
+    lb, gb = loss_and_grads(method)
+    assert torch.equal(la, lb)
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+
+
+def test_freelb_gradient_is_the_mean_of_its_steps(data_dir, tmp_path):
+    task, model, crit = build(data_dir, tmp_path, "freelb", ["--adv-steps", "2"], task="translation")
+    batch = utils.batches(task)[0]
+    used = []
+    real = crit._perturbed_forward
+
+    def record(m, net_input, delta):
+        used.append({k: v.detach().clone() for k, v in delta.items()})
+        return real(m, net_input, delta)
+
+    crit._perturbed_forward = record
+    loss, _, log = crit(model, batch)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    crit._perturbed_forward = real
+    assert len(used) == 3
+    # the deltas move (ascent) and stay in the ball
+    assert not torch.equal(used[0]["source"], used[1]["source"])
+    model.zero_grad()
+    for d in used:  # each step's CE gradient, separately, averaged
+        out = real(model, batch["net_input"], d)
+        (crit.compute_loss(model, out, batch)[0] / len(used)).backward()
+    for a, p in zip(got, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_r3f_uses_small_gaussian_noise_and_symmetric_kl(data_dir, tmp_path):
+    task, model, crit = build(data_dir, tmp_path, "r3f", task="translation")
+    assert crit.adv_init == "normal" and crit.adv_init_scale == 1e-5 and crit.adv_kl == "symmetric"
+    batch = utils.batches(task)[0]
+    _, _, log = crit(model, batch)
+    mean_norm = log["adv_delta_norm"] / log["adv_delta_count"]
+    n_tok = batch["net_input"]["src_tokens"].ne(1).sum(1).float().mean()
+    assert mean_norm == pytest.approx(1e-5 * (n_tok * 32) ** 0.5, rel=0.3)  # not projected, just noise
+
+
+@pytest.mark.parametrize("method", ["none", "r3f", "smart", "freelb"])
+def test_methods_without_cache_run_on_plain_translation(data_dir, tmp_path, method):
+    task, model, crit = build(data_dir, tmp_path, method, task="translation")
+    loss, _, log = crit(model, utils.batches(task)[0])
+    assert torch.isfinite(loss)
+
+
+def test_arch_refuses_plain_translation_and_freelb_needs_steps(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--adv-method arch .*--task arch_translation"):
+        build(data_dir, tmp_path, "arch", task="translation")
+    with pytest.raises(ValueError, match="freelb needs --adv-steps >= 1"):
+        build(data_dir, tmp_path, "freelb", ["--adv-steps", "0"], task="translation")
+
+
+def test_other_methods_on_arch_task_make_no_cache(data_dir, tmp_path):
+    task, model, crit = build(data_dir, tmp_path, "smart")
+    crit(model, utils.batches(task)[0])
+    assert task.arch_cache is None and not os.path.exists(tmp_path / "arch_cache")
+
+
+@pytest.mark.parametrize("method,fwd", [("none", 1), ("r3f", 2), ("smart", 5), ("freelb", 4), ("arch", 5)])
+def test_each_method_trains_through_the_cli_and_logs_fig3_stats(data_dir, tmp_path, method, fwd):
+    res = subprocess.run(
+        ["fairseq-train", data_dir, *utils.ARCH_TASK, "--adv-method", method, *utils.TINY_MODEL,
+         "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1000", "--max-epoch", "1",
+         "--save-dir", str(tmp_path / "ckpt"), "--cpu", "--no-progress-bar", "--log-interval", "1",
+         "--no-save"],
+        env=ENV, capture_output=True, text=True)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    epoch = [l for l in out.splitlines() if "| train | epoch 001" in l]
+    assert epoch, out[-2000:]
+    assert f"adv_fwd_per_batch {fwd} " in epoch[0]
+    var = re.search(r"gnorm_var ([0-9.e-]+)", epoch[0])
+    assert var and float(var.group(1)) >= 0  # Fig. 3: gradient-norm variance per epoch
+    assert len(re.findall(r"train_inner \| .*gnorm=", out)) >= 2  # gradient norm every update
