@@ -37,5 +37,6 @@ setup(
     extras_require={
         "gpu": ["faiss-gpu"],
         "test": ["pytest"],
+        "bench": ["matplotlib"],
     },
 )

@@ -209,8 +209,7 @@ class ArchCache:
     def _embedding_matrix(self, side: str, model) -> torch.Tensor:
         if self.fixed_embeddings is not None:
             w = self.fixed_embeddings[side]
-            dev = next(model.parameters()).device
-            return w.to(dev)
+            return w if model is None else w.to(next(model.parameters()).device)
         from .injection import embedding_modules
 
         return embedding_modules(model)[side].weight.detach()

@@ -103,12 +103,10 @@ def sentence_vectors(
     keep = torch.ones_like(tokens, dtype=torch.bool)
     for t in ignore:
         keep &= tokens.ne(int(t))
-    sent_of_token = torch.repeat_interleave(torch.arange(n), offs[1:] - offs[:-1])
-    sent_of_token = sent_of_token[keep]
-    tokens = tokens[keep]
+    # per-sentence word counts after dropping the specials, as new bag offsets
+    kept_before = torch.cat([torch.zeros(1, dtype=torch.long), keep.long().cumsum(0)])
+    bag_offsets = kept_before[offs[:-1]]
     device = embeddings.device
-    w = embeddings.detach().float()
-    counts = torch.bincount(sent_of_token, minlength=n).to(device).float()
-    sums = torch.zeros(n, w.size(1), device=device)
-    sums.index_add_(0, sent_of_token.to(device), w[tokens.to(device)])
-    return sums / counts.clamp_min(1.0).unsqueeze(1)
+    # embedding_bag never materialises the tokens x C matrix of all looked-up rows
+    return torch.nn.functional.embedding_bag(
+        tokens[keep].to(device), embeddings.detach().float(), bag_offsets.to(device), mode="mean")

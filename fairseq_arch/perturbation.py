@@ -15,6 +15,7 @@ Nothing here knows about fairseq. Conventions used throughout:
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 NORMS = ("l2", "linf")
 GRANULARITIES = ("sentence", "word")
@@ -207,16 +208,17 @@ def divergence(
     ``forward``: KL(p || q) with p the clean prediction (the paper's R_adv);
     ``symmetric``: (KL(p || q) + KL(q || p)) / 2.
     """
-    p_log = teacher_lprobs.float()
-    q_log = student_lprobs.float()
-    p = p_log.exp()
+    v = teacher_lprobs.size(-1)
+    keep = mask.reshape(-1)
+    # padding rows first: the vocabulary-wide ops below are the regularizer's main cost
+    p_log = teacher_lprobs.reshape(-1, v)[keep].float()
+    q_log = student_lprobs.reshape(-1, v)[keep].float()
+    kl_pq = F.kl_div(q_log, p_log, reduction="sum", log_target=True)
     if kind == "forward":
-        per_tok = (p * (p_log - q_log)).sum(-1)
-    elif kind == "symmetric":
-        per_tok = 0.5 * ((p - q_log.exp()) * (p_log - q_log)).sum(-1)
-    else:
-        raise ValueError(f"unknown divergence {kind!r}: use forward or symmetric")
-    return (per_tok * mask.to(per_tok.dtype)).sum()
+        return kl_pq
+    if kind == "symmetric":
+        return 0.5 * (kl_pq + F.kl_div(p_log, q_log, reduction="sum", log_target=True))
+    raise ValueError(f"unknown divergence {kind!r}: use forward or symmetric")
 
 
 def sentence_norms(delta: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from fairseq.criterions import CRITERION_REGISTRY, register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
 )
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
@@ -306,9 +307,10 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
 
         net_output = model(**net_input)  # clean forward, through the DDP wrapper
         counts["fwd"] += 1
-        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
-        teacher, target = self._lprobs_fp32(model, net_output, sample)
-        teacher = teacher.detach()
+        # one log-softmax serves the label-smoothed loss and the (detached) teacher
+        lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
+        loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True)
+        teacher = lprobs.detach().float()
         tgt_mask = target.ne(self.padding_idx)
 
         skip = False

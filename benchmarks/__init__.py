@@ -1,0 +1,1 @@
+"""Benchmarks that measure the paper's claims on this code (not timed tests)."""

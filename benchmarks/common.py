@@ -1,0 +1,96 @@
+"""Shared pieces of the benchmarks: real data (a Multi30k slice from ../shared/data,
+or a path), binarised once per size, and a fairseq task/model/criterion built
+in-process exactly as fairseq-train builds them."""
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "fairseq_arch")
+SHARED = os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
+MULTI30K = os.environ.get("ARCH_MULTI30K", os.path.join(SHARED, "multi30k", "tok"))
+TATOEBA = os.environ.get("ARCH_TATOEBA", os.path.join(SHARED, "tatoeba-deu-eng"))
+
+SMALL_MODEL = [
+    "--arch", "transformer", "--share-all-embeddings",
+    "--encoder-layers", "3", "--decoder-layers", "3",
+    "--encoder-embed-dim", "128", "--decoder-embed-dim", "128",
+    "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+]
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
+           f"{torch.get_num_threads()} threads"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def multi30k_bin(work: str, n_train: int, n_eval: int = 1000) -> str:
+    """Binarise the first ``n_train`` Multi30k training pairs (word level, joined
+    dictionary, words seen once mapped to <unk>) and valid/test_2016_flickr."""
+    out = os.path.join(work, f"m30k-{n_train}")
+    if os.path.exists(os.path.join(out, "bin", "dict.de.txt")):
+        return os.path.join(out, "bin")
+    if not os.path.isdir(MULTI30K):
+        sys.exit(f"benchmarks: Multi30k not found at {MULTI30K} (set ARCH_MULTI30K to its tok/ folder)")
+    raw = os.path.join(out, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for split, src, n in (("train", "train", n_train), ("valid", "val", n_eval), ("test", "test_2016_flickr", n_eval)):
+        for lang in ("de", "en"):
+            with open(os.path.join(MULTI30K, f"{src}.lc.norm.tok.{lang}")) as f:
+                lines = [l for _, l in zip(range(n), f)]
+            with open(os.path.join(raw, f"{split}.{lang}"), "w") as f:
+                f.writelines(lines)
+    subprocess.run(
+        ["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", f"{raw}/train",
+         "--validpref", f"{raw}/valid", "--testpref", f"{raw}/test", "--destdir", os.path.join(out, "bin"),
+         "--joined-dictionary", "--thresholdsrc", "1", "--thresholdtgt", "1", "--workers", "2"],
+        check=True, capture_output=True)
+    return os.path.join(out, "bin")
+
+
+def build(data_bin: str, save_dir: str, extra=()):
+    """(cfg, task, model, criterion) as fairseq-train builds them."""
+    from fairseq import options, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        data_bin, "--cpu", "--save-dir", save_dir, "--user-dir", USER_DIR,
+        "--task", "arch_translation", "--criterion", "adversarial_label_smoothed_cross_entropy",
+        "--label-smoothing", "0.1", "--max-tokens", "4096", *SMALL_MODEL, *extra,
+    ])
+    cfg = convert_namespace_to_omegaconf(args)
+    utils.import_user_module(cfg.common)
+    torch.manual_seed(cfg.common.seed)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return cfg, task, model, criterion
+
+
+def train_batches(task, max_tokens=4096, seed=1):
+    itr = task.get_batch_iterator(dataset=task.dataset("train"), max_tokens=max_tokens, seed=seed, epoch=1)
+    return list(itr.next_epoch_itr(shuffle=True))
+
+
+def write_report(out_dir: str, name: str, result: dict, markdown: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    result = dict(result, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(markdown + f"\n\n_{result['machine']}, {result['date']}_\n")
+    print(markdown)

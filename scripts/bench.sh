@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Benchmarks that measure the paper's claims on this code (README, "Benchmarks").
+#   bash scripts/bench.sh cost       # per-update cost of every method, ~5 min on 2 cores
+#   bash scripts/bench.sh scale      # cache build + neighbour search, Tatoeba and 10^6 sentences
+#   bash scripts/bench.sh quality    # Multi30k sacreBLEU, methods x seeds (long: see README)
+#   bash scripts/bench.sh plots      # PNGs from the JSON results
+# Options after the sub-command go to `python -m benchmarks` (--help lists them).
+# Results: benchmarks/results/{cost,scale,quality}.{md,json} and *.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_ROOT_USER_ACTION=ignore
+[[ "${ARCH_SKIP_INSTALL:-0}" == 1 ]] || { bash scripts/install.sh; python3 -m pip install -q -e ".[bench]"; }
+export PYTHONWARNINGS=ignore
+exec python3 -m benchmarks "$@"

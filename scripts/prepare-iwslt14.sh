@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepare IWSLT'14 De-En / En-De for the ARCH recipes (docs/recipes.md): raw release -> Moses tokenisation
+# (sacremoses) -> cleaning -> joint sentencepiece -> fairseq-preprocess --joined-dictionary.
+#
+#   bash scripts/prepare-iwslt14.sh [OUT] [--raw PATH ...] [--smoke] [--force]
+#
+# OUT defaults to data/iwslt14 (data/iwslt14-smoke with --smoke). --raw: the release archive(s), files or a
+# directory holding them; without it the public sources are downloaded (needs network). The
+# files expected are listed below. OUT is written atomically (OUT/COMPLETE marks a finished dir);
+# a missing or truncated input exits non-zero with a message and leaves no OUT.
+# --smoke (or ARCH_SMOKE=1): the first 300 training pairs, a few dozen valid/test pairs (CI).
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    echo; python3 "$REPO/scripts/recipes/prepare.py" iwslt14 --help-files; echo
+    python3 "$REPO/scripts/recipes/prepare.py" --help | sed -n '/^options/,$p'
+    exit 0
+fi
+export PYTHONWARNINGS=ignore
+exec python3 "$REPO/scripts/recipes/prepare.py" iwslt14 "$@"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train WMT'16 En-De as in the ARCH paper (docs/recipes.md) with fairseq-train.
+#
+#   bash scripts/train-wmt16.sh [--direction DIR] [--method arch|none|r3f|smart|freelb] [--data DIR]
+#        [--save-dir DIR] [--max-tokens N] [--smoke] [--print-args] [-- EXTRA fairseq-train ARGS]
+#
+# Directions: en-de. Method: arch (default); none is the Transformer row of Tables 2-3.
+# Data: the output of scripts/prepare-wmt16.sh (default data/wmt16). Checkpoints: checkpoints/wmt16-DIR-METHOD.
+# --update-freq is computed from the GPUs found so that max-tokens x GPUs x update-freq reaches the
+# paper's batch; no GPU: one CPU device (--cpu). Rerun the same command to resume (checkpoint_last.pt
+# and the ARCH cache in SAVE_DIR/arch_cache). --smoke (or ARCH_SMOKE=1): tiny model, 2 epochs (CI).
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    python3 "$REPO/scripts/recipes/train.py" --help | sed -n '/^options/,$p'
+    exit 0
+fi
+export PYTHONWARNINGS=ignore
+exec python3 "$REPO/scripts/recipes/train.py" wmt16 "$@"

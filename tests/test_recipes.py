@@ -1,0 +1,415 @@
+"""The dataset recipes (scripts/prepare-*.sh, train-*.sh, evaluate.sh, configs/recipes/*.yaml), end to
+end in --smoke mode on miniature releases that the tests build in each release's real layout, the
+real IWSLT'14 test sets beside the checkout, failure on truncated / missing inputs, resume, and the
+YAML-vs-shell equivalence of the effective fairseq config."""
+
+import html
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from . import utils
+
+SCRIPTS = os.path.join(utils.REPO, "scripts")
+# one thread: tiny models on 2 shared cores are many times slower with torch's default threads
+ENV = dict(os.environ, PYTHONWARNINGS="ignore", ARCH_SKIP_INSTALL="1", OMP_NUM_THREADS="1")
+ENV.pop("ARCH_SMOKE", None)
+ENV.pop("ARCH_NUM_GPUS", None)
+IWSLT14_PARTIAL = os.path.join(utils.SHARED_DATA, "iwslt14-deen-partial")
+IWSLT14_TEST_ORDER = ["TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012"]
+
+
+def run(script, *args, env=None, cwd=None):
+    return subprocess.run(["bash", os.path.join(SCRIPTS, script), *map(str, args)], env=env or ENV,
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def ok(res):
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# miniature releases
+
+
+def raw_pairs(n, seed=1):
+    """(src, tgt) raw sentences: cased, punctuation attached, an apostrophe now and then."""
+    import toy_corpus
+
+    rng = random.Random(seed)
+    lex = toy_corpus.lexicon(random.Random(12345))
+    out = []
+    while len(out) < n:
+        s, t = toy_corpus.sentence_pair(rng, lex)
+        s, t = (x[:-2] + "." for x in (s, t))
+        if rng.random() < 0.2:
+            s, t = s[:-1] + ", isn't it?", t[:-1] + ", n'est-ce pas?"
+        out.append((s[0].upper() + s[1:], t[0].upper() + t[1:]))
+    return out
+
+
+def train_tags(lines, lang, talks=4):
+    """train.tags.* with TED markup: a metadata block before each talk's lines."""
+    out, per = [], max(1, len(lines) // talks)
+    for i, line in enumerate(lines):
+        if i % per == 0:
+            k = i // per
+            out += [f"<url>http://www.ted.com/talks/talk_{k}.html</url>",
+                    f"<keywords>talks, science, {lang}</keywords>", f"<speaker>Speaker {k}</speaker>",
+                    f"<talkid>{100 + k}</talkid>", f"<title>Title {k} ({lang})</title>",
+                    f"<description>TED talk {k} described in {lang}</description>",
+                    "<reviewer href=\"\">Reviewer Name</reviewer>", "<translator href=\"\">T. Name</translator>"]
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def xml_set(lines, lang, setid, ref):
+    kind = "refset" if ref else "srcset"
+    attr = f'trglang="{lang}"' if ref else f'srclang="{lang}"'
+    body = [f'<seg id="{i}"> {html.escape(l, quote=False)} </seg>' for i, l in enumerate(lines, 1)]
+    return "\n".join(['<?xml version="1.0" encoding="UTF-8"?>', "<mteval>", f'<{kind} setid="{setid}" {attr}>',
+                      '<doc docid="1" genre="lectures">', "<url>http://www.ted.com/talks/x.html</url>",
+                      "<talkid>1</talkid>", "<title>A title</title>", *body, "</doc>", f"</{kind}>", "</mteval>"]) + "\n"
+
+
+def add(tf, name, text):
+    data = text.encode("utf-8")
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def iwslt_release(path, year, s, t, train, sets):
+    """{s}-{t}.tgz as the IWSLT TED releases: {s}-{t}/train.tags.* and IWSLT{yy}.TED*.xml."""
+    pair = f"{s}-{t}"
+    with tarfile.open(path, "w:gz") as tf:
+        for j, l in enumerate((s, t)):
+            add(tf, f"{pair}/train.tags.{pair}.{l}", train_tags([p[j] for p in train], l))
+            for name, pairs in sets.items():
+                add(tf, f"{pair}/IWSLT{year}.{name}.{pair}.{l}.xml",
+                    xml_set([p[j] for p in pairs], l, name, ref=(l == t)))
+    return path
+
+
+def iwslt14_release(tmp, n_train=340, n_set=12):
+    pairs = raw_pairs(n_train + 5 * n_set)
+    sets = {name: pairs[n_train + i * n_set:n_train + (i + 1) * n_set] for i, name in enumerate(IWSLT14_TEST_ORDER)}
+    return iwslt_release(os.path.join(tmp, "de-en.tgz"), 14, "de", "en", pairs[:n_train], sets), sets
+
+
+@pytest.fixture(scope="module")
+def iwslt14(tmp_path_factory):
+    """The IWSLT'14 recipe's smoke data dir, prepared from a miniature de-en.tgz."""
+    tmp = tmp_path_factory.mktemp("iwslt14")
+    tgz, sets = iwslt14_release(str(tmp))
+    out = tmp / "data"
+    res = run("prepare-iwslt14.sh", out, "--raw", tgz, "--smoke")
+    return out, sets, res
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def lines(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read().split("\n")[:-1]
+
+
+def check_data_dir(out, s, t):
+    assert (out / "COMPLETE").exists()
+    m = json.load(open(out / "manifest.json"))
+    for split in ("train", "valid", "test"):
+        for d in ("text", "spm"):
+            assert len(lines(out / d / f"{split}.{s}")) == len(lines(out / d / f"{split}.{t}")) == m["counts"][split]
+        assert (out / "bin" / f"{split}.{s}-{t}.{s}.bin").exists()
+    assert (out / "bin" / f"dict.{s}.txt").read_text() == (out / "bin" / f"dict.{t}.txt").read_text()  # joined
+    assert len(lines(out / "ref" / f"test.{t}")) == m["counts"]["test"]
+    assert not [p for p in os.listdir(out.parent) if ".tmp-" in p]
+    return m
+
+
+def test_prepare_iwslt14_from_a_release_archive(iwslt14):
+    out, sets, res = iwslt14
+    log = ok(res)
+    m = check_data_dir(out, "de", "en")
+    assert "287 train, 13 valid, 50 test pairs" in log
+    train = lines(out / "text" / "train.en")
+    # valid = every 23rd line of the (cleaned) first 300 lines, train = the rest; TED metadata dropped,
+    # <title>/<description> text kept (fairseq's prepare-iwslt14.sh); lowercased, Moses-tokenised
+    assert m["counts"]["valid"] == 300 // 23 and m["counts"]["train"] == 300 - 300 // 23
+    text = "\n".join(train)
+    assert "<" not in text and "speaker" not in text and "reviewer" not in text and "ted.com" not in text
+    assert "title 0 ( en )" in text
+    assert text == text.lower() and "n &apos;est-ce pas ?" in text
+    # test = dev2010, TEDX.dev2012, tst2010, tst2011, tst2012 in fairseq's order (first 50 in smoke mode)
+    want = [p[1] for name in IWSLT14_TEST_ORDER for p in sets[name]][:50]
+    assert lines(out / "ref" / "test.en") == want  # untokenised, cased references for sacreBLEU
+    assert lines(out / "text" / "test.en")[0] == want[0].lower()[:-1] + " ."
+    assert m["lowercase"] is True and m["spm_vocab"] <= 500
+
+
+def test_prepare_iwslt15_stanford_files(tmp_path):
+    raw = tmp_path / "iwslt15"
+    raw.mkdir()
+    pairs = raw_pairs(300, seed=2)
+    splits = {"train": pairs[:240], "tst2012": pairs[240:270], "tst2013": pairs[270:]}
+    for name, ps in splits.items():
+        for j, l in enumerate(("en", "vi")):  # Stanford's files are tokenised already, with &apos; escapes
+            (raw / f"{name}.{l}").write_text("\n".join(p[j].replace("'", " &apos;").replace(".", " .")
+                                                       for p in ps) + "\n")
+    out = tmp_path / "data"
+    ok(run("prepare-iwslt15.sh", out, "--raw", raw, "--smoke"))
+    m = check_data_dir(out, "en", "vi")
+    assert m["counts"] == {"train": 240, "valid": 30, "test": 30}
+    assert lines(out / "text" / "test.vi") == lines(raw / "tst2013.vi")  # not re-tokenised
+    assert "&apos;" not in (out / "ref" / "test.vi").read_text()  # detokenised reference
+
+
+def test_prepare_iwslt16_release_archive(tmp_path):
+    pairs = raw_pairs(330, seed=3)
+    names = ["TED.dev2010", "TED.tst2010", "TED.tst2011", "TED.tst2012", "TED.tst2013", "TED.tst2014"]
+    sets = {n: pairs[270 + 10 * i:280 + 10 * i] for i, n in enumerate(names)}
+    tgz = iwslt_release(str(tmp_path / "en-fr.tgz"), 16, "en", "fr", pairs[:270], sets)
+    out = tmp_path / "data"
+    ok(run("prepare-iwslt16.sh", out, "--raw", tgz, "--smoke"))
+    m = check_data_dir(out, "en", "fr")
+    assert m["counts"]["valid"] == 40 and m["counts"]["test"] == 20 and m["lowercase"] is False
+    assert lines(out / "ref" / "test.fr") == [p[1] for n in names[4:] for p in sets[n]]
+    assert any(c.isupper() for c in (out / "text" / "train.en").read_text())  # cased
+
+
+def wmt16_release(d):
+    d.mkdir()
+    pairs = raw_pairs(360, seed=4)
+
+    def tgz(name, files):
+        with tarfile.open(d / name, "w:gz") as tf:
+            for member, text in files.items():
+                add(tf, member, text)
+
+    def side(ps, j):
+        return "\n".join(p[j] for p in ps) + "\n"
+
+    for name, member, ps in (("training-parallel-europarl-v7.tgz", "training/europarl-v7.de-en.{l}", pairs[:100]),
+                             ("training-parallel-commoncrawl.tgz", "commoncrawl.de-en.{l}", pairs[100:200]),
+                             ("training-parallel-nc-v11.tgz", "training-parallel-nc-v11/news-commentary-v11.de-en.{l}",
+                              pairs[200:300])):
+        tgz(name, {member.format(l=l): side(ps, j) for j, l in ((0, "de"), (1, "en"))})
+    tgz("dev.tgz", {f"dev/newstest2013.{l}": side(pairs[300:330], j) for j, l in ((0, "de"), (1, "en"))})
+    tgz("test-full.tgz", {"test-full/newstest2014-deen-src.de.sgm": xml_set([p[0] for p in pairs[330:]], "de", "nt14", False),
+                          "test-full/newstest2014-deen-ref.en.sgm": xml_set([p[1] for p in pairs[330:]], "en", "nt14", True)})
+    return pairs
+
+
+def test_prepare_wmt16_archives(tmp_path):
+    pairs = wmt16_release(tmp_path / "wmt")
+    out = tmp_path / "data"
+    ok(run("prepare-wmt16.sh", out, "--raw", tmp_path / "wmt", "--smoke"))
+    m = check_data_dir(out, "en", "de")
+    assert m["counts"]["valid"] == 30 and m["counts"]["test"] == 30 and 250 < m["counts"]["train"] <= 300
+    assert lines(out / "ref" / "test.de") == [p[0] for p in pairs[330:]]  # the src-side sgm, unescaped
+
+
+def test_prepare_fails_cleanly_on_truncated_missing_or_misaligned_input(tmp_path):
+    tgz, _ = iwslt14_release(str(tmp_path))
+    data = open(tgz, "rb").read()
+    cut = tmp_path / "cut" / "de-en.tgz"
+    cut.parent.mkdir()
+    cut.write_bytes(data[:len(data) // 2])
+    out = tmp_path / "out"
+    res = run("prepare-iwslt14.sh", out, "--raw", cut, "--smoke")
+    assert res.returncode != 0 and "truncated or corrupt" in res.stderr, res.stderr
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+    # unpacked release with one test set missing: the message names it and lists what is expected
+    rel = tmp_path / "rel"
+    with tarfile.open(tgz) as tf:
+        tf.extractall(rel, filter="data")
+    os.remove(rel / "de-en" / "IWSLT14.TED.tst2011.de-en.en.xml")
+    res = run("prepare-iwslt14.sh", out, "--raw", rel, "--smoke")
+    assert res.returncode != 0 and "missing input file IWSLT14.TED.tst2011.de-en.en.xml" in res.stderr
+    assert "train.tags.de-en.de" in res.stderr  # the list of expected files
+    assert not out.exists()
+
+    # a train side cut short
+    with tarfile.open(tgz) as tf:
+        tf.extractall(rel, filter="data")
+    p = rel / "de-en" / "train.tags.de-en.en"
+    p.write_text("\n".join(lines(p)[:-7]) + "\n")
+    res = run("prepare-iwslt14.sh", out, "--raw", rel, "--smoke")
+    assert res.returncode != 0 and "truncated or misaligned" in res.stderr, res.stderr
+    assert not out.exists() and not [q for q in os.listdir(tmp_path) if ".tmp-" in q]
+
+    # a test .xml cut off in the middle
+    with tarfile.open(tgz) as tf:
+        tf.extractall(rel, filter="data")
+    x = rel / "de-en" / "IWSLT14.TED.tst2012.de-en.de.xml"
+    x.write_text("\n".join(lines(x)[:8]) + "\n")
+    res = run("prepare-iwslt14.sh", out, "--raw", rel, "--smoke")
+    assert res.returncode != 0 and "truncated" in res.stderr, res.stderr
+
+    # no --raw and no network: a clean failure that says which local files to pass
+    res = run("prepare-iwslt16.sh", out, env=dict(ENV, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9"))
+    assert res.returncode != 0 and "could not download" in res.stderr and "en-fr.tgz" in res.stderr
+    assert not out.exists()
+
+    # an existing incomplete OUT is never taken for a finished one
+    out.mkdir()
+    res = run("prepare-iwslt14.sh", out, "--raw", tgz, "--smoke")
+    assert res.returncode == 2 and "not a complete data dir" in res.stderr
+    res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), "iwslt14", "--data", str(out)],
+                         env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2 and "not a complete prepared data dir" in res.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(IWSLT14_PARTIAL), reason="../shared/data/iwslt14-deen-partial not present")
+def test_prepare_iwslt14_on_real_ted_text(tmp_path):
+    """A miniature de-en.tgz from the real TED text beside the checkout (its train sample, de-BPE'd,
+    and the five test sets, Moses-detokenised): the recipe's tokenised test side matches fairseq's prepare-iwslt14.sh
+    output (tok/test.*) line for line, in the same order."""
+    from sacremoses import MosesDetokenizer
+
+    def part(name, l, n):
+        return lines(os.path.join(IWSLT14_PARTIAL, "tok_test_parts", f"IWSLT14.{name}.de-en.{l}"))[:n]
+
+    # the raw release is not here: Moses-detokenise the tokenised (lowercased) text to stand in for
+    # it, with a capital after a full stop (the tokeniser splits "word." only before a sentence start)
+    detok = {l: MosesDetokenizer(lang=l) for l in ("de", "en")}
+
+    def raw(l, xs):
+        out = []
+        for x in xs:
+            w = x.split()
+            w = [t[:1].upper() + t[1:] if i and w[i - 1] in ".?!" else t for i, t in enumerate(w)]
+            out.append(detok[l].detokenize(w))
+        return out
+
+    train = [raw(l, [x.replace("@@ ", "") for x in
+                     lines(os.path.join(IWSLT14_PARTIAL, "train_sample_bpe10k", f"train.{l}"))[:400]]) for l in ("de", "en")]
+    sets = {name: list(zip(*(raw(l, part(name, l, 12)) for l in ("de", "en")))) for name in IWSLT14_TEST_ORDER}
+    tgz = iwslt_release(str(tmp_path / "de-en.tgz"), 14, "de", "en", list(zip(*train)), sets)
+    out = tmp_path / "data"
+    ok(run("prepare-iwslt14.sh", out, "--raw", tgz, "--smoke"))
+    check_data_dir(out, "de", "en")
+    for l in ("de", "en"):
+        want = [x for name in IWSLT14_TEST_ORDER for x in part(name, l, 12)][:50]
+        got = lines(out / "text" / f"test.{l}")
+        same = sum(a == b for a, b in zip(got, want))
+        assert len(got) == 50 and same >= 0.9 * 50, [(a, b) for a, b in zip(got, want) if a != b][:5]
+        # ... and they are the lines of fairseq's own test set, in its order
+        full = lines(os.path.join(IWSLT14_PARTIAL, "tok", f"test.{l}"))
+        assert want[:12] == full[:12] and want[12:24] == full[887:899]
+
+
+# ---------------------------------------------------------------------------------------------
+# train (resume), evaluate
+
+
+def test_train_iwslt14_smoke_then_resume_then_evaluate(iwslt14, tmp_path):
+    out, _, res = iwslt14
+    ok(res)
+    save = tmp_path / "ckpt"
+    first = ok(run("train-iwslt14.sh", "--smoke", "--data", out, "--save-dir", save, "--", "--max-epoch", "1"))
+    assert "new run in" in first and "--cpu" in (save / "command.txt").read_text()
+    assert (save / "checkpoint_last.pt").exists() and (save / "arch_cache" / "state.json").exists()
+    assert "adv_fwd_per_batch 5" in first  # epoch 1 is a refresh: S=3 ascent steps
+    second = ok(run("train-iwslt14.sh", "--smoke", "--data", out, "--save-dir", save))
+    assert "resuming from" in second
+    # fairseq continues with epoch 2 from checkpoint_last.pt, ARCH from the cache epoch 1 wrote
+    m = re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch 2 @ (\d+) updates\)", second)
+    assert m and int(m.group(1)) > 0, second[-3000:]
+    assert "begin training epoch 2" in second and "begin training epoch 1\n" not in second
+    assert "generation of epoch 1 complete" in second
+    summary = re.search(r"\| train \| epoch 002 \|.*", second).group(0)
+    assert "adv_fwd_per_batch 2 " in summary  # a reuse epoch: clean + cached forwards only
+    assert int(re.search(r"arch_cached (\d+)", summary).group(1)) > 0
+    assert int(re.search(r"arch_rebuilt (\d+)", summary).group(1)) > 0
+    assert json.load(open(save / "arch_cache" / "state.json"))["current"]["epoch"] == 1
+
+    ev = ok(run("evaluate.sh", "iwslt14", "--smoke", "--data", out, "--checkpoint-dir", save))
+    assert "beam 9, lenpen 1.5 (Table 7)" in ev
+    assert re.search(r"^fairseq \(tokenised\): .*BLEU4 = [0-9.]+", ev, re.M), ev
+    assert re.search(r"^sacreBLEU \(detokenised\) [0-9.]+", ev, re.M), ev
+    assert "signature: nrefs:1|case:lc|eff:no|tok:13a" in ev
+    assert len(lines(save / "eval-test" / "hyp.detok.en")) == json.load(open(out / "manifest.json"))["counts"]["test"]
+
+
+def test_train_and_evaluate_print_paper_settings():
+    def args(script, *a, gpus="0"):
+        res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "recipes", script), "--print-args", *a],
+                             env=dict(ENV, ARCH_NUM_GPUS=gpus), capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        cmd = json.loads(res.stdout)
+        return {k: v for k, v in zip(cmd, cmd[1:] + [""]) if k.startswith("--")}, cmd
+
+    a, cmd = args("train.py", "iwslt14")
+    assert a["--arch"] == "transformer_iwslt_de_en" and a["--update-freq"] == "16" and "--cpu" in cmd
+    assert a["--adam-betas"] == "(0.9, 0.98)" and a["--lr"] == "1e-3" and a["--label-smoothing"] == "0.1"
+    assert (a["--adv-eps"], a["--adv-steps"], a["--adv-step-size"], a["--arch-refresh-interval"], a["--arch-ema"],
+            a["--arch-cache-fraction"], a["--arch-neighbors"]) == ("0.1", "3", "0.1", "15", "0.01", "0.1", "1")
+    a, cmd = args("train.py", "wmt16", "--method", "smart", "--", "--max-update", "7", gpus="8")
+    assert a["--arch"] == "transformer_vaswani_wmt_en_de_big" and a["--adv-method"] == "smart"
+    assert int(a["--max-tokens"]) * 8 * int(a["--update-freq"]) >= 450000 and "--fp16" in cmd
+    assert cmd[-2:] == ["--max-update", "7"]
+    for ds, d, beam, lp in (("iwslt15", "en-vi", "10", "1.0"), ("iwslt15", "vi-en", "15", "0.3"),
+                            ("iwslt14", "en-de", "10", "1.5"), ("iwslt14", "de-en", "9", "1.5"),
+                            ("iwslt16", "en-fr", "10", "0.2"), ("iwslt16", "fr-en", "10", "2.0"),
+                            ("wmt16", "en-de", "4", "0.6")):
+        a, _ = args("evaluate.py", ds, "--direction", d)
+        assert (a["--beam"], a["--lenpen"]) == (beam, lp) and a["--path"].endswith("checkpoint_best.pt")
+    for script in ("prepare-iwslt14.sh", "prepare-iwslt15.sh", "prepare-iwslt16.sh", "prepare-wmt16.sh",
+                   "train-iwslt14.sh", "train-iwslt15.sh", "train-iwslt16.sh", "train-wmt16.sh", "evaluate.sh"):
+        assert "--smoke" in ok(run(script, "--help")), script
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML == shell recipe
+
+
+def effective(mode, args, cwd):
+    res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "recipes", "effective_config.py"), mode, *args,
+                          "--build-model"], env=ENV, capture_output=True, text=True, cwd=cwd)
+    m = re.search(r"^EFFECTIVE_CONFIG (.*)$", res.stdout, re.M)
+    assert m, res.stdout[-2000:] + res.stderr[-3000:]
+    return json.loads(m.group(1))
+
+
+@pytest.mark.parametrize("name,gpus", [("iwslt14_de_en", 1), ("iwslt15_vi_en", 1), ("wmt16_en_de", 8)])
+def test_yaml_and_shell_recipe_give_the_same_effective_settings(name, gpus, tmp_path):
+    ds, s, t = name.split("_")
+    data, save = str(tmp_path / "data"), str(tmp_path / "ckpt")
+    res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), ds, "--direction", f"{s}-{t}",
+                          "--data", data, "--save-dir", save, "--print-args"],
+                         env=dict(ENV, ARCH_NUM_GPUS=str(gpus)), capture_output=True, text=True)
+    shell = effective("train", json.loads(res.stdout)[1:], str(tmp_path))
+    yaml = effective("hydra", ["--config-dir", os.path.join(utils.REPO, "configs", "recipes"), "--config-name", name,
+                               f"task.data={data}/bin", f"common.user_dir={utils.USER_DIR}", f"checkpoint.save_dir={save}",
+                               f"hydra.run.dir={tmp_path / 'hydra'}"], str(tmp_path))
+    # the model as fairseq builds it from each (the YAML goes through hydra's defaults, the shell
+    # through the named architecture's function)
+    assert shell["built"] == yaml["built"]
+    # every other section, field by field
+    diffs = []
+    for sec in ("common", "distributed_training", "dataset", "optimization", "checkpoint", "task", "criterion",
+                "optimizer", "lr_scheduler", "generation", "ema", "bmuf"):
+        a, b = shell[sec] or {}, yaml[sec] or {}
+        diffs += [(sec, k, a.get(k, "<unset>"), b.get(k, "<unset>")) for k in sorted(set(a) | set(b))
+                  if a.get(k, "<unset>") != b.get(k, "<unset>")]
+    assert not diffs, diffs
+    # and what the paper fixes, spelled out
+    c, tk = yaml["criterion"], yaml["task"]
+    assert (c["adv_method"], c["adv_eps"], c["adv_steps"], c["adv_step_size"], c["adv_norm"], c["adv_granularity"],
+            c["adv_sides"], c["label_smoothing"]) == ("arch", 0.1, 3, 0.1, "l2", "sentence", "both", 0.1)
+    assert (tk["arch_refresh_interval"], tk["arch_ema"], tk["arch_cache_fraction"], tk["arch_neighbors"]) == (15, 0.01, 0.1, 1)
+    assert yaml["optimizer"]["adam_betas"] == "(0.9, 0.98)" and yaml["optimization"]["lr"] == [0.001]
+    batch = yaml["dataset"]["max_tokens"] * gpus * yaml["optimization"]["update_freq"][0]
+    assert batch >= (450000 if ds == "wmt16" else 64000)
