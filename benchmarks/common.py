@@ -36,10 +36,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def multi30k_bin(work: str, n_train: int, n_eval: int = 1000) -> str:
+def multi30k_bin(work: str, n_train: int, n_eval: int = 1000, threshold: int = 1) -> str:
     """Binarise the first ``n_train`` Multi30k training pairs (word level, joined
-    dictionary, words seen once mapped to <unk>) and valid/test_2016_flickr."""
-    out = os.path.join(work, f"m30k-{n_train}")
+    dictionary; words seen fewer than ``threshold`` times map to <unk>) and
+    valid/test_2016_flickr."""
+    out = os.path.join(work, f"m30k-{n_train}" + (f"-t{threshold}" if threshold > 1 else ""))
     if os.path.exists(os.path.join(out, "bin", "dict.de.txt")):
         return os.path.join(out, "bin")
     if not os.path.isdir(MULTI30K):
@@ -55,21 +56,29 @@ def multi30k_bin(work: str, n_train: int, n_eval: int = 1000) -> str:
     subprocess.run(
         ["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", f"{raw}/train",
          "--validpref", f"{raw}/valid", "--testpref", f"{raw}/test", "--destdir", os.path.join(out, "bin"),
-         "--joined-dictionary", "--thresholdsrc", "1", "--thresholdtgt", "1", "--workers", "2"],
+         "--joined-dictionary", "--thresholdsrc", str(threshold), "--thresholdtgt", str(threshold), "--workers", "2"],
         check=True, capture_output=True)
     return os.path.join(out, "bin")
 
 
+IWSLT_MODEL = ["--arch", "transformer_iwslt_de_en", "--share-all-embeddings"]
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
 def build(data_bin: str, save_dir: str, extra=()):
-    """(cfg, task, model, criterion) as fairseq-train builds them."""
+    """(cfg, task, model, criterion) as fairseq-train builds them: the small CPU
+    transformer, or transformer_iwslt_de_en on a GPU when one is present."""
     from fairseq import options, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
-        data_bin, "--cpu", "--save-dir", save_dir, "--user-dir", USER_DIR,
+        data_bin, *([] if on_gpu() else ["--cpu"]), "--save-dir", save_dir, "--user-dir", USER_DIR,
         "--task", "arch_translation", "--criterion", "adversarial_label_smoothed_cross_entropy",
-        "--label-smoothing", "0.1", "--max-tokens", "4096", *SMALL_MODEL, *extra,
+        "--label-smoothing", "0.1", "--max-tokens", "4096", *(IWSLT_MODEL if on_gpu() else SMALL_MODEL), *extra,
     ])
     cfg = convert_namespace_to_omegaconf(args)
     utils.import_user_module(cfg.common)
@@ -78,12 +87,17 @@ def build(data_bin: str, save_dir: str, extra=()):
     task.load_dataset("train")
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
+    if on_gpu():
+        model = model.cuda()
     return cfg, task, model, criterion
 
 
 def train_batches(task, max_tokens=4096, seed=1):
+    from fairseq import utils
+
     itr = task.get_batch_iterator(dataset=task.dataset("train"), max_tokens=max_tokens, seed=seed, epoch=1)
-    return list(itr.next_epoch_itr(shuffle=True))
+    batches = list(itr.next_epoch_itr(shuffle=True))
+    return [utils.move_to_cuda(b) for b in batches] if on_gpu() else batches
 
 
 def write_report(out_dir: str, name: str, result: dict, markdown: str) -> None:

@@ -248,8 +248,11 @@ class ArchCache:
         self.last_search_backend = index.backend
         for start in range(0, len(uncached), NEIGHBOR_CHUNK):
             chunk = uncached[start: start + NEIGHBOR_CHUNK]
-            _, idx = index.search(self._vectors(side, chunk, w), k)
-            nbr[chunk] = idx.numpy().astype(np.int32)
+            # identical sentence vectors (repeated sentences, common in crawled or
+            # Tatoeba-like corpora) have identical neighbours: search each once
+            queries, inverse = torch.unique(self._vectors(side, chunk, w), dim=0, return_inverse=True)
+            _, idx = index.search(queries, k)
+            nbr[chunk] = idx[inverse.cpu()].numpy().astype(np.int32)
         return nbr
 
     def _finalize(self, ip: dict, model) -> None:

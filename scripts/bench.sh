@@ -9,6 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_ROOT_USER_ACTION=ignore
-[[ "${ARCH_SKIP_INSTALL:-0}" == 1 ]] || { bash scripts/install.sh; python3 -m pip install -q -e ".[bench]"; }
+[[ "${ARCH_SKIP_INSTALL:-0}" == 1 ]] || bash scripts/install.sh
 export PYTHONWARNINGS=ignore
 exec python3 -m benchmarks "$@"

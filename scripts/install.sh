@@ -24,5 +24,5 @@ then
     echo "[install] installing ve-fairseq==0.12.3 (--no-deps)"
     "${PIP[@]}" --no-deps -r requirements/fairseq.txt
 fi
-"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" -e ".[test,bench]"
 "$PY" -c "import torch, fairseq, faiss; print(f'[install] torch {torch.__version__}, fairseq {fairseq.__version__}, faiss {faiss.__version__}')" 2>/dev/null

@@ -303,3 +303,30 @@ def test_arch_task_refuses_a_criterion_without_cache(data_dir, tmp_path):
 def test_criterion_refuses_plain_translation_task(data_dir, tmp_path):
     with pytest.raises(ValueError, match="--task arch_translation"):
         utils.build_components(data_dir, ["--task", "translation"], save_dir=str(tmp_path))
+
+
+def test_neighbour_search_dedups_repeated_sentences_exactly(data_dir, tmp_path, monkeypatch):
+    """Repeated sentences are searched once; the table equals a search of every query."""
+    from fairseq_arch import neighbors
+
+    _, task, model, crit = utils.build_components(
+        data_dir, ["--arch-cache-fraction", "0.3", "--arch-neighbors", "2"], save_dir=str(tmp_path))
+    task.begin_epoch(1, model)
+    cache = task.arch_cache
+    real_vectors = cache._vectors
+
+    def with_repeats(side, ids, w):  # every query sentence appears twice
+        v = real_vectors(side, ids, w)
+        return v if len(ids) == cache.store.num_cached else v[torch.arange(len(v)) // 2 * 2]
+
+    monkeypatch.setattr(cache, "_vectors", with_repeats)
+    seen = []
+    real = neighbors.CosineIndex.search
+    monkeypatch.setattr(neighbors.CosineIndex, "search", lambda self, q, k: seen.append(len(q)) or real(self, q, k))
+    got = cache.compute_neighbors("target", model, 1)
+    uncached = np.nonzero(cache.store.pos_of < 0)[0]
+    w = unwrap_model(model).decoder.embed_tokens.weight
+    q = with_repeats("target", uncached, w)
+    _, ref = real(neighbors.CosineIndex(real_vectors("target", cache.store.cached_ids, w), "cpu"), q, 2)
+    assert np.array_equal(got[uncached], ref.numpy())
+    assert sum(seen) == (len(uncached) + 1) // 2  # one search per distinct sentence vector
