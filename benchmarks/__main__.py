@@ -18,6 +18,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="S")
     ap.add_argument("--tc", type=int, default=15, help="Tc")
     ap.add_argument("--skip-rss", action="store_true", help="cost: skip the peak-RSS fairseq-train runs")
+    ap.add_argument("--rss-only", action="store_true", help="cost: re-measure peak RSS only, keep the timings in cost.json")
     ap.add_argument("--scales", default="tatoeba,1000000", help="scale: comma list of 'tatoeba' or a sentence count")
     ap.add_argument("--seeds", default="1,2,3", help="quality: seeds")
     ap.add_argument("--methods", default="none,r3f,smart,arch", help="quality: methods")

@@ -216,9 +216,17 @@ def markdown(res: dict, rss: dict) -> str:
 
 
 def main(args):
-    res = measure(args.work, args.sentences, args.rounds, args.steps, args.tc)
-    rss = peak_rss(args.work, args.sentences) if not args.skip_rss else {
+    path = os.path.join(args.out, "cost.json")
+    if args.rss_only and os.path.exists(path):
+        import json
+
+        with open(path) as f:
+            res = json.load(f)
+    else:
+        res = measure(args.work, args.sentences, args.rounds, args.steps, args.tc)
+    rss = peak_rss(args.work, res["config"]["sentences"]) if not args.skip_rss else {
         "none": 0, "r3f": 0, "arch": 0, "ratio_arch_vs_none": float("nan"), "ratio_arch_vs_r3f": float("nan")}
     res["peak_rss_mb"] = rss
+    res.pop("machine", None), res.pop("date", None)
     common.write_report(args.out, "cost", res, markdown(res, rss))
     return res
