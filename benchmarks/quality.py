@@ -36,6 +36,25 @@ def _json_lines(path):
                     pass
 
 
+def parse_log(log):
+    """Per-epoch wall-clock, gnorm statistics and valid BLEU, and every update's gnorm.
+    fairseq logs an epoch's validation before its training summary."""
+    rows, gnorms, bleu = {}, [], {}
+    for kind, rec in _json_lines(log):
+        if kind == "train_inner" and "gnorm" in rec:
+            gnorms.append(float(rec["gnorm"]))
+        elif kind == "train":
+            rows[int(rec["epoch"])] = {"epoch": int(rec["epoch"]), "wall": float(rec["train_wall"]),
+                                       "gnorm": float(rec.get("train_gnorm", "nan")),
+                                       "gnorm_var": float(rec.get("train_gnorm_var", "nan"))}
+        elif kind == "valid":
+            bleu[int(rec["epoch"])] = float(rec.get("valid_bleu", "nan"))
+    for e, r in rows.items():
+        if e in bleu:
+            r["valid_bleu"] = bleu[e]
+    return [rows[e] for e in sorted(rows)], gnorms
+
+
 def run_one(data_bin: str, work: str, method: str, seed: int, epochs: int, tc: int, pairs: int) -> dict:
     save = os.path.join(work, "quality", f"p{pairs}-e{epochs}-tc{tc}", f"{method}-s{seed}")
     result_path = os.path.join(save, "result.json")
@@ -72,18 +91,7 @@ def run_one(data_bin: str, work: str, method: str, seed: int, epochs: int, tc: i
 
     bleu = sacrebleu.metrics.BLEU(force=True)
     test_bleu = bleu.corpus_score([hyps[i] for i in range(len(refs))], [refs]).score
-    epochs_rows, gnorms = [], []
-    for kind, rec in _json_lines(log):
-        if kind == "train_inner" and "gnorm" in rec:
-            gnorms.append(float(rec["gnorm"]))
-        elif kind == "train":
-            epochs_rows.append({"epoch": int(rec["epoch"]), "wall": float(rec["train_wall"]),
-                                "gnorm": float(rec.get("train_gnorm", "nan")),
-                                "gnorm_var": float(rec.get("train_gnorm_var", "nan"))})
-        elif kind == "valid":
-            for r in epochs_rows:
-                if r["epoch"] == int(rec["epoch"]):
-                    r["valid_bleu"] = float(rec.get("valid_bleu", "nan"))
+    epochs_rows, gnorms = parse_log(log)
     result = {"method": method, "seed": seed, "epochs": epochs, "tc": tc, "pairs": pairs, "test_sacrebleu": test_bleu,
               "signature": str(bleu.get_signature()), "wall_s": epochs_rows[-1]["wall"] if epochs_rows else None,
               "per_epoch": epochs_rows, "gnorm_per_update": gnorms}
@@ -127,7 +135,11 @@ def _finished(work, pairs, epochs, tc):
         path = os.path.join(root, name, "result.json")
         if os.path.exists(path):
             with open(path) as f:
-                out.append(json.load(f))
+                r = json.load(f)
+            log = os.path.join(root, name, "train.log")
+            if os.path.exists(log):  # re-read: reports follow the parser, not an old result file
+                r["per_epoch"], r["gnorm_per_update"] = parse_log(log)
+            out.append(r)
     order = {"none": 0, "r3f": 1, "smart": 2, "freelb": 3, "arch": 4}
     return sorted(out, key=lambda r: (order.get(r["method"], 9), r["seed"]))
 
