@@ -8,11 +8,6 @@
 #
 # DATASET: iwslt14 | iwslt15 | iwslt16 | wmt16. Defaults match scripts/train-DATASET.sh.
 set -euo pipefail
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-if [[ $# -eq 0 || " $* " == *" -h "* || " $* " == *" --help "* ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    python3 "$REPO/scripts/recipes/evaluate.py" --help | sed -n '/^options/,$p'
-    exit 0
-fi
-export PYTHONWARNINGS=ignore
-exec python3 "$REPO/scripts/recipes/evaluate.py" "$@"
+source "$(dirname "$0")/recipes/wrapper.sh"
+[[ $# -eq 0 ]] && set -- --help
+run_recipe "$0" evaluate.py -- "$@"

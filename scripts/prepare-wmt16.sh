@@ -10,12 +10,5 @@
 # a missing or truncated input exits non-zero with a message and leaves no OUT.
 # --smoke (or ARCH_SMOKE=1): the first 300 training pairs, a few dozen valid/test pairs (CI).
 set -euo pipefail
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    echo; python3 "$REPO/scripts/recipes/prepare.py" wmt16 --help-files; echo
-    python3 "$REPO/scripts/recipes/prepare.py" --help | sed -n '/^options/,$p'
-    exit 0
-fi
-export PYTHONWARNINGS=ignore
-exec python3 "$REPO/scripts/recipes/prepare.py" wmt16 "$@"
+source "$(dirname "$0")/recipes/wrapper.sh"
+run_recipe "$0" prepare.py wmt16 -- "$@"

@@ -10,11 +10,5 @@
 # paper's batch; no GPU: one CPU device (--cpu). Rerun the same command to resume (checkpoint_last.pt
 # and the ARCH cache in SAVE_DIR/arch_cache). --smoke (or ARCH_SMOKE=1): tiny model, 2 epochs (CI).
 set -euo pipefail
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-if [[ " $* " == *" -h "* || " $* " == *" --help "* ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    python3 "$REPO/scripts/recipes/train.py" --help | sed -n '/^options/,$p'
-    exit 0
-fi
-export PYTHONWARNINGS=ignore
-exec python3 "$REPO/scripts/recipes/train.py" iwslt14 "$@"
+source "$(dirname "$0")/recipes/wrapper.sh"
+run_recipe "$0" train.py iwslt14 -- "$@"

@@ -298,7 +298,6 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
                 loss, nll_loss, delta = self._freelb(model, sample, masks, counts)
             except FloatingPointError:
                 # a non-finite ascent: train this batch on the clean CE instead, count it
-                counts = {"fwd": counts["fwd"], "bwd": counts["bwd"]}
                 loss, nll_loss = self.compute_loss(model, model(**net_input), sample, reduce=True)
                 counts["fwd"] += 1
                 delta, stats["adv_skipped"] = {}, 1

@@ -172,7 +172,6 @@ class ArchTranslationTask(TranslationTask):
         self.arch_cache.begin_epoch(epoch, model)
         # logged inside fairseq's "train" aggregation: shows up in the epoch summary
         metrics.log_scalar("arch_nn_search_s", self.arch_cache.last_search_seconds, priority=900, round=3)
-        self.state.merge_state_dict({"arch_cache": self.arch_cache.state_dict()})
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         # ignore_grad marks fairseq's dummy batches (a rank with no data left, OOM

@@ -12,7 +12,6 @@ IWSLT'14 is lowercased by its recipe (as fairseq's prepare-iwslt14.sh): its sacr
 case-insensitive (signature case:lc).
 """
 
-import argparse
 import json
 import os
 import re
@@ -23,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from train import EXPERIMENTS, USER_DIR, count_gpus  # noqa: E402
+from train import EXPERIMENTS, USER_DIR, count_gpus, recipe_cli  # noqa: E402
 
 # Table 7: (beam, length penalty) per direction
 DECODING = {
@@ -35,14 +34,7 @@ DECODING = {
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dataset", choices=sorted(EXPERIMENTS))
+    ap, argv, extra = recipe_cli(__doc__, argv)
     ap.add_argument("--direction")
     ap.add_argument("--method", default="arch", help="only used for the default checkpoint dir")
     ap.add_argument("--data")

@@ -92,15 +92,21 @@ def build_command(dataset, direction, method, data, save_dir, gpus, smoke=False,
     return cmd + list(extra), update_freq * max_tokens * devices
 
 
-def main(argv=None):
+def recipe_cli(doc, argv):
+    """(parser with the DATASET argument, our argv, pass-through args after `--`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset", choices=sorted(EXPERIMENTS))
+    return ap, argv, extra
+
+
+def main(argv=None):
+    ap, argv, extra = recipe_cli(__doc__, argv)
     ap.add_argument("--direction", help="SRC-TGT (default: the first of the dataset's directions)")
     ap.add_argument("--method", default="arch", choices=METHODS)
     ap.add_argument("--data", help="prepared dir (default data/DATASET, data/DATASET-smoke with --smoke)")
