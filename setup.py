@@ -30,13 +30,16 @@ setup(
         "tqdm",
         "scikit-learn",
         "packaging",
-        # ours
+        # ours: the plugin, scripts/ and the recipes (scripts/recipes/prepare.py tokenises
+        # with sacremoses and learns a joint sentencepiece model)
         "sentencepiece",
+        "sacremoses>=0.1",
         "faiss-cpu>=1.7",
     ],
     extras_require={
         "gpu": ["faiss-gpu"],
-        "test": ["pytest"],
-        "bench": ["matplotlib"],
+        # the range the suite was run on (pytest 9.0.3 and 9.2.0); scripts/install.sh installs it
+        "test": ["pytest>=9.0,<9.3"],
+        "bench": ["matplotlib>=3.5"],
     },
 )

@@ -8,7 +8,7 @@
 # Results: benchmarks/results/{cost,scale,quality}.{md,json} and *.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_ROOT_USER_ACTION=ignore
-[[ "${ARCH_SKIP_INSTALL:-0}" == 1 ]] || bash scripts/install.sh
+source scripts/env.sh
+arch_use_env
 export PYTHONWARNINGS=ignore
 exec python3 -m benchmarks "$@"

@@ -37,7 +37,8 @@ if [[ $SMOKE == 1 ]]; then
 fi
 if [[ -n "$CORPUS" && ! -d "$CORPUS" ]]; then echo "demo.sh: corpus dir $CORPUS does not exist" >&2; exit 2; fi
 
-[[ "${ARCH_SKIP_INSTALL:-0}" == 1 ]] || bash scripts/install.sh
+source scripts/env.sh
+arch_use_env
 export PYTHONWARNINGS="ignore"
 
 rm -rf "$WORK"; mkdir -p "$WORK"

@@ -1,28 +1,125 @@
 #!/usr/bin/env bash
-# Install fairseq-arch and its dependencies into the current Python (idempotent,
-# a few seconds when everything is there). Order matters:
-#   1. torch: keep an installed torch; otherwise the CPU wheel torch==2.13.0
-#      (an unpinned torch would pull a multi-GB CUDA build).
-#   2. fairseq: ve-fairseq==0.12.3 with --no-deps (its torchaudio requirement
-#      would replace torch); its real runtime deps come with step 3.
-#   3. this package, editable, with the test extra.
+# Install fairseq-arch and everything it imports into its own Python environment
+# (scripts/env.sh says which: an active venv/conda env, else .venv/ here, created now).
+# Idempotent: a second run that finds nothing changed takes about a second.
+#
+# Order matters:
+#   1. torch, first, so that nothing else pulls an unpinned (multi-GB CUDA) build:
+#      - a torch==$ARCH_TORCH_VERSION wheel on this machine's disk (pip's find-links): that one;
+#      - else, on Linux with no NVIDIA driver: the CPU build from PyTorch's CPU index
+#        ($ARCH_TORCH_CPU_INDEX, about 200 MB), if it can be reached;
+#      - else PyPI's build (on Linux a CUDA build, several GB; on macOS/Windows the CPU one).
+#      ARCH_TORCH=cpu|pypi forces one of the last two; an environment with torch keeps it.
+#   2. this package (editable) with every dependency the plugin, scripts, recipes, benchmarks
+#      and tests import (setup.py: install_requires + extras test, bench).
+#   3. fairseq last, ve-fairseq==0.12.3 with --no-deps: its own metadata pins torchaudio (which
+#      would replace torch) and cython (a build-time tool); with --no-deps pip installs nothing
+#      for them and does not run the resolver check that would print "ERROR: ... ve-fairseq
+#      requires torchaudio" for an install that works. Its real runtime deps came with step 2.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
-export PIP_ROOT_USER_ACTION=ignore
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
+source "$(dirname "$0")/env.sh"
+cd "$ARCH_REPO"
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+TORCH_VERSION="${ARCH_TORCH_VERSION:-2.13.0}"
+TORCH_CPU_INDEX="${ARCH_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+ENV_DIR="$(arch_env_dir)"
+say() { echo "[install] $*"; }
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    echo "[install] no torch found: installing the CPU wheel torch==2.13.0"
-    "${PIP[@]}" "torch==2.13.0"
+# --- the environment ---------------------------------------------------------------------------
+if arch_env_is_ours; then
+    BASE_PY="${PYTHON:-python3}"
+    want="$("$BASE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    if [[ -x "$ENV_DIR/bin/python" ]]; then
+        have="$("$ENV_DIR/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo broken)"
+        if [[ "$have" != "$want" && -n "${PYTHON:-}" ]]; then
+            say "$ENV_DIR is Python $have but PYTHON=$PYTHON is $want: recreating it"
+            rm -rf "$ENV_DIR"
+        elif [[ "$have" == broken ]]; then
+            say "$ENV_DIR is broken: recreating it"; rm -rf "$ENV_DIR"
+        fi
+    fi
+    if [[ ! -x "$ENV_DIR/bin/python" ]]; then
+        say "creating the virtual environment $ENV_DIR (Python $want, $BASE_PY)"
+        "$BASE_PY" -m venv "$ENV_DIR"
+    fi
 fi
-if ! "$PY" - <<'PYEOF' 2>/dev/null
-import importlib.metadata as m, sys
-sys.exit(0 if m.version("ve-fairseq") == "0.12.3" else 1)
+PY="$ENV_DIR/bin/python"
+[[ -x "$PY" ]] || PY="$ENV_DIR/bin/python3"
+[[ -x "$PY" ]] || { echo "[install] no python in $ENV_DIR" >&2; exit 2; }
+# pip -q, and without the "WARNING: Location 'file:///...' is ignored" lines that a machine whose
+# pip config names local package folders prints for every package (nothing to do with this install).
+pip_install() {
+    "$PY" -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory\.$" || true; }
+}
+PIP=(pip_install)
+
+# Nothing changed since the last complete install: done.
+STAMP="$ENV_DIR/.fairseq-arch-install"
+fingerprint="$(cat setup.py requirements/fairseq.txt scripts/install.sh | cksum | cut -d' ' -f1)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]] \
+   && "$PY" -c "import torch, fairseq, faiss, fairseq_arch" 2>/dev/null; then
+    say "up to date: $("$PY" -c 'import torch; print(torch.__version__)') in $ENV_DIR"
+    exit 0
+fi
+rm -f "$STAMP"
+
+# --- 1. torch ----------------------------------------------------------------------------------
+torch_build() {
+    "$PY" - <<'PYEOF'
+import torch
+cuda = torch.version.cuda
+print(f"torch {torch.__version__} ({'CUDA ' + cuda if cuda else 'CPU'} build)")
 PYEOF
-then
-    echo "[install] installing ve-fairseq==0.12.3 (--no-deps)"
+}
+if "$PY" -c "import torch" 2>/dev/null; then
+    say "keeping the installed $(torch_build)"
+else
+    has_nvidia=0
+    { [[ -e /proc/driver/nvidia/version ]] || command -v nvidia-smi >/dev/null 2>&1; } && has_nvidia=1
+    mode="${ARCH_TORCH:-auto}"
+    # A wheel on this machine's disk (pip's find-links): --no-index looks nowhere else.
+    local_wheel=0
+    if [[ "$mode" == auto ]] && "$PY" -m pip install -q --dry-run --no-deps --no-index \
+            "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+        local_wheel=1
+    fi
+    installed=0
+    if [[ $local_wheel == 1 ]]; then
+        say "installing torch==$TORCH_VERSION from the wheel on this machine's disk"
+        "${PIP[@]}" "torch==$TORCH_VERSION" && installed=1
+    elif [[ "$mode" == cpu || ( "$mode" == auto && "$(uname -s)" == Linux && $has_nvidia == 0 ) ]]; then
+        say "no NVIDIA driver: trying the CPU build of torch==$TORCH_VERSION ($TORCH_CPU_INDEX, ~200 MB)"
+        if "${PIP[@]}" --timeout 20 --retries 1 --index-url "$TORCH_CPU_INDEX" --no-deps "torch==$TORCH_VERSION" \
+                2>/dev/null; then
+            "${PIP[@]}" "torch==$TORCH_VERSION" && installed=1   # its dependencies, from PyPI
+        else
+            say "the CPU index cannot be reached from here"
+            [[ "$mode" == cpu ]] && { echo "[install] ARCH_TORCH=cpu and no CPU build found" >&2; exit 1; }
+        fi
+    fi
+    if [[ $installed == 0 ]]; then
+        say "installing torch==$TORCH_VERSION from PyPI (on Linux a CUDA build: several GB)"
+        "${PIP[@]}" "torch==$TORCH_VERSION"
+    fi
+    say "installed $(torch_build)"
+fi
+
+# --- 2. this package and every import's package --------------------------------------------------
+say "installing fairseq-arch (editable) and its dependencies"
+"${PIP[@]}" -e ".[test,bench]"
+
+# --- 3. fairseq, last, without its metadata's pins ---------------------------------------------------
+if ! "$PY" -c 'import importlib.metadata as m, sys; sys.exit(m.version("ve-fairseq") != "0.12.3")' 2>/dev/null; then
+    say "installing ve-fairseq==0.12.3 (--no-deps: README, Dependencies)"
     "${PIP[@]}" --no-deps -r requirements/fairseq.txt
 fi
-"${PIP[@]}" -e ".[test,bench]"
-"$PY" -c "import torch, fairseq, faiss; print(f'[install] torch {torch.__version__}, fairseq {fairseq.__version__}, faiss {faiss.__version__}')" 2>/dev/null
+
+"$PY" - 2>/dev/null <<'PYEOF'
+import logging; logging.disable(logging.INFO)   # fairseq's "Please install tensorboardX" at import
+import faiss, fairseq, torch
+cuda = torch.version.cuda
+print(f"[install] ready: torch {torch.__version__} ({'CUDA ' + cuda if cuda else 'CPU'} build), "
+      f"fairseq {fairseq.__version__}, faiss {faiss.__version__}")
+PYEOF
+echo "$fingerprint" > "$STAMP"
+say "environment: $ENV_DIR"

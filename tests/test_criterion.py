@@ -22,9 +22,8 @@ from . import utils
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    utils.quiet_logs()
-    return utils.make_toy_data(str(tmp_path_factory.mktemp("toy")), n_train=120, n_valid=10, n_test=10)
+def data_dir(small_toy):
+    return small_toy
 
 
 def run_epoch(task, model, criterion, epoch, batches):

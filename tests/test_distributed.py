@@ -16,11 +16,10 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    utils.quiet_logs()
+def data_dir(toy_data):
     # 300 sentences at --max-tokens 600: an odd number of batches, so with 2 ranks
     # one rank gets a dummy batch in the last update of every epoch
-    return utils.make_toy_data(str(tmp_path_factory.mktemp("toy_ddp")), n_train=300, n_valid=20, n_test=20)
+    return toy_data(300, 20)
 
 
 def free_port() -> int:

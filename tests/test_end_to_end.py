@@ -18,9 +18,8 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore", ARCH_SKIP_INSTALL="1")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    utils.quiet_logs()
-    return utils.make_toy_data(str(tmp_path_factory.mktemp("toy_e2e")), n_train=400, n_valid=30, n_test=30)
+def data_dir(toy_data):
+    return toy_data(400, 30)
 
 
 def _bleu(text):

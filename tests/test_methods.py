@@ -25,9 +25,8 @@ ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    utils.quiet_logs()
-    return utils.make_toy_data(str(tmp_path_factory.mktemp("toy_methods")), n_train=120, n_valid=10, n_test=10)
+def data_dir(small_toy):
+    return small_toy
 
 
 def build(data_dir, tmp_path, method, extra=(), task="arch_translation"):

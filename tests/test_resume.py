@@ -26,9 +26,8 @@ EPOCHS = 5
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    utils.quiet_logs()
-    return utils.make_toy_data(str(tmp_path_factory.mktemp("toy_resume")), n_train=200, n_valid=20, n_test=20)
+def data_dir(toy_data):
+    return toy_data(200, 20)
 
 
 def args(data_dir, save_dir, epochs, arch=True, extra=()):

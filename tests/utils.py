@@ -5,8 +5,11 @@ import contextlib
 import io
 import logging
 import os
+import signal
+import subprocess
 import sys
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +28,66 @@ TINY_MODEL = [
 ]
 ARCH_TASK = ["--user-dir", USER_DIR, "--task", "arch_translation",
              "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+
+
+def console(name: str) -> str:
+    """Path of a console script (fairseq-train, ...) of the Python running the tests, not
+    whatever PATH finds first: a package missing from this environment must fail here."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    assert os.path.exists(path), f"{name} is not installed next to {sys.executable}"
+    return path
+
+
+def cli(cmd):
+    """A command line whose first word, if a console script name, is resolved by console()."""
+    cmd = list(cmd)
+    if cmd and not os.path.sep in cmd[0] and cmd[0].startswith("fairseq-"):
+        cmd[0] = console(cmd[0])
+    return cmd
+
+
+def run(cmd, timeout=900, input=None, capture_output=False, **kw):
+    """subprocess.run with a timeout that kills the whole process group (fairseq ranks,
+    dataloader workers) instead of leaving it behind; console scripts resolved by cli()."""
+    if capture_output:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+    if input is not None:
+        kw["stdin"] = subprocess.PIPE
+    proc = subprocess.Popen(cli(cmd), start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(input=input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def popen(cmd, **kw):
+    """subprocess.Popen in its own process group (kill_group() ends it and its children)."""
+    return subprocess.Popen(cli(cmd), start_new_session=True, **kw)
+
+
+def kill_group(proc):
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def require_shared(*parts) -> str:
+    """Path under ../shared/data; skips when absent, or fails when ARCH_REQUIRE_DATA=1 (CI),
+    so a CI run can never go green by silently skipping the real-data tests."""
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        msg = f"{path} not present (the real corpora beside the checkout, README 'Real data')"
+        if os.environ.get("ARCH_REQUIRE_DATA") == "1":
+            pytest.fail(msg + "; ARCH_REQUIRE_DATA=1 turns this skip into a failure", pytrace=False)
+        pytest.skip(msg)
+    return path
 
 
 def preprocess(raw_dir: str, dest_dir: str, src="src", tgt="tgt", extra=()) -> None:
