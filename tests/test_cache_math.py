@@ -8,6 +8,8 @@ import torch
 from fairseq_arch import cache_math as C
 from fairseq_arch.neighbors import CosineIndex, brute_force_knn
 
+pytestmark = pytest.mark.fast  # pure functions, no fairseq training
+
 
 def test_refresh_schedule():
     assert [e for e in range(1, 40) if C.is_refresh_epoch(e, 15)] == [1, 16, 31]

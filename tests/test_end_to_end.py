@@ -5,7 +5,6 @@ the README's main command (scripts/demo.sh) on the toy corpus and on Multi30k.""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -62,7 +61,7 @@ def test_train_across_refresh_writes_p_sized_cache_then_generates(data_dir, tmp_
                          ["--user-dir", utils.USER_DIR, "--task", "arch_translation",
                           "--required-batch-size-multiple", "1", "--max-len-b", "20"])
     assert len(re.findall(r"^H-\d+", out, re.M)) == 30
-    assert _bleu(out) >= 0.0
+    assert _bleu(out) > 5.0, "4 epochs on the toy corpus translate something: " + out[-500:]
 
 
 def test_fairseq_checkpoints_need_our_torch_load_fix():
@@ -82,7 +81,7 @@ def test_real_cli_binaries_from_another_directory(data_dir, tmp_path):
     processes, absolute --user-dir from another cwd (the package is also
     pip-installed: no duplicate registration), torch >= 2.6 checkpoint loading."""
     save = str(tmp_path / "ckpt")
-    train = subprocess.run(
+    train = utils.run(
         ["fairseq-train", data_dir, "--user-dir", utils.USER_DIR, *utils.ARCH_TASK[2:], *utils.TINY_MODEL,
          "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "1000", "--max-epoch", "2",
          "--arch-refresh-interval", "1", "--save-dir", save, "--cpu", "--no-progress-bar"],
@@ -90,7 +89,7 @@ def test_real_cli_binaries_from_another_directory(data_dir, tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     assert "adv_fwd_per_batch 5" in train.stderr + train.stdout  # S=3: refresh epoch, both epochs
     ckpt = os.path.join(save, "checkpoint_best.pt")
-    gen = subprocess.run(
+    gen = utils.run(
         ["fairseq-generate", data_dir, "--user-dir", utils.USER_DIR, "--task", "arch_translation",
          "--path", ckpt, "--beam", "2", "--batch-size", "16", "--required-batch-size-multiple", "1",
          "--max-len-b", "20", "--cpu"],
@@ -99,7 +98,7 @@ def test_real_cli_binaries_from_another_directory(data_dir, tmp_path):
     assert "weights_only" not in gen.stderr
     assert len(re.findall(r"^H-\d+", gen.stdout, re.M)) == 30
     _bleu(gen.stdout)
-    inter = subprocess.run(
+    inter = utils.run(
         ["fairseq-interactive", data_dir, "--user-dir", "fairseq_arch", "--task", "arch_translation",
          "--path", ckpt, "--beam", "2", "--cpu", "--source-lang", "src", "--target-lang", "tgt"],
         cwd=utils.REPO, env=ENV, input="der hund sieht ein haus .\n", capture_output=True, text=True)
@@ -109,7 +108,7 @@ def test_real_cli_binaries_from_another_directory(data_dir, tmp_path):
 
 def _demo(tmp_path, *args):
     work = str(tmp_path / "demo")
-    res = subprocess.run(["bash", os.path.join(utils.REPO, "scripts", "demo.sh"), "--smoke", "--workdir", work, *args],
+    res = utils.run(["bash", os.path.join(utils.REPO, "scripts", "demo.sh"), "--smoke", "--workdir", work, *args],
                          env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert re.search(r"^sacreBLEU [0-9.]+", res.stdout, re.M), res.stdout
@@ -123,11 +122,8 @@ def test_readme_main_command_runs_on_the_toy_corpus(tmp_path):
     assert "generated the synthetic toy corpus" in out
 
 
-MULTI30K = os.path.join(utils.SHARED_DATA, "multi30k", "tok")
-
-
-@pytest.mark.skipif(not os.path.isdir(MULTI30K), reason="../shared/data/multi30k not present")
 def test_readme_main_command_on_a_real_multi30k_slice(tmp_path):
+    MULTI30K = utils.require_shared("multi30k", "tok")
     out = _demo(tmp_path, "--corpus", MULTI30K, "--src", "de", "--tgt", "en")
     assert f"using {MULTI30K}" in out and "400 train" in out
 
@@ -135,7 +131,7 @@ def test_readme_main_command_on_a_real_multi30k_slice(tmp_path):
 def test_demo_refuses_a_corpus_with_missing_files(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "train.de").write_text("a\n")
-    res = subprocess.run(["bash", os.path.join(utils.REPO, "scripts", "demo.sh"), "--smoke", "--corpus",
+    res = utils.run(["bash", os.path.join(utils.REPO, "scripts", "demo.sh"), "--smoke", "--corpus",
                           str(tmp_path / "c"), "--src", "de", "--tgt", "en", "--workdir", str(tmp_path / "w")],
                          env=ENV, capture_output=True, text=True)
     assert res.returncode != 0
@@ -143,7 +139,7 @@ def test_demo_refuses_a_corpus_with_missing_files(tmp_path):
 
 
 def test_hydra_config_runs_through_fairseq_hydra_train(data_dir, tmp_path):
-    res = subprocess.run(
+    res = utils.run(
         ["fairseq-hydra-train", "--config-dir", os.path.join(utils.REPO, "configs"), "--config-name", "arch_demo",
          f"task.data={data_dir}", f"common.user_dir={utils.USER_DIR}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
          "optimization.max_epoch=1", "model.encoder_layers=1", "model.decoder_layers=1",
@@ -167,6 +163,6 @@ def test_installed_package_then_user_dir_registers_once(tmp_path):
         "print(TASK_REGISTRY['arch_translation'].__module__,"
         " CRITERION_REGISTRY['adversarial_label_smoothed_cross_entropy'].__module__)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=utils.REPO, env=ENV, capture_output=True, text=True)
+    res = utils.run([sys.executable, "-c", code], cwd=utils.REPO, env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fairseq_arch.tasks.arch_translation fairseq_arch.criterions." in res.stdout

@@ -7,6 +7,8 @@ import torch
 
 from fairseq_arch import perturbation as P
 
+pytestmark = pytest.mark.fast  # pure functions, no fairseq training
+
 CASES = list(itertools.product(["l2", "linf"], ["sentence", "word"]))
 
 

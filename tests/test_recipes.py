@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tarfile
 
@@ -27,7 +26,7 @@ IWSLT14_TEST_ORDER = ["TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011
 
 
 def run(script, *args, env=None, cwd=None):
-    return subprocess.run(["bash", os.path.join(SCRIPTS, script), *map(str, args)], env=env or ENV,
+    return utils.run(["bash", os.path.join(SCRIPTS, script), *map(str, args)], env=env or ENV,
                           capture_output=True, text=True, cwd=cwd)
 
 
@@ -266,16 +265,16 @@ def test_prepare_fails_cleanly_on_truncated_missing_or_misaligned_input(tmp_path
     out.mkdir()
     res = run("prepare-iwslt14.sh", out, "--raw", tgz, "--smoke")
     assert res.returncode == 2 and "not a complete data dir" in res.stderr
-    res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), "iwslt14", "--data", str(out)],
+    res = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), "iwslt14", "--data", str(out)],
                          env=ENV, capture_output=True, text=True)
     assert res.returncode == 2 and "not a complete prepared data dir" in res.stderr
 
 
-@pytest.mark.skipif(not os.path.isdir(IWSLT14_PARTIAL), reason="../shared/data/iwslt14-deen-partial not present")
 def test_prepare_iwslt14_on_real_ted_text(tmp_path):
     """A miniature de-en.tgz from the real TED text beside the checkout (its train sample, de-BPE'd,
     and the five test sets, Moses-detokenised): the recipe's tokenised test side matches fairseq's prepare-iwslt14.sh
     output (tok/test.*) line for line, in the same order."""
+    utils.require_shared("iwslt14-deen-partial")
     from sacremoses import MosesDetokenizer
 
     def part(name, l, n):
@@ -345,7 +344,7 @@ def test_train_iwslt14_smoke_then_resume_then_evaluate(iwslt14, tmp_path):
 
 def test_train_and_evaluate_print_paper_settings():
     def args(script, *a, gpus="0"):
-        res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "recipes", script), "--print-args", *a],
+        res = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", script), "--print-args", *a],
                              env=dict(ENV, ARCH_NUM_GPUS=gpus), capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         cmd = json.loads(res.stdout)
@@ -376,7 +375,7 @@ def test_train_and_evaluate_print_paper_settings():
 
 
 def effective(mode, args, cwd):
-    res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "recipes", "effective_config.py"), mode, *args,
+    res = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", "effective_config.py"), mode, *args,
                           "--build-model"], env=ENV, capture_output=True, text=True, cwd=cwd)
     m = re.search(r"^EFFECTIVE_CONFIG (.*)$", res.stdout, re.M)
     assert m, res.stdout[-2000:] + res.stderr[-3000:]
@@ -387,7 +386,7 @@ def effective(mode, args, cwd):
 def test_yaml_and_shell_recipe_give_the_same_effective_settings(name, gpus, tmp_path):
     ds, s, t = name.split("_")
     data, save = str(tmp_path / "data"), str(tmp_path / "ckpt")
-    res = subprocess.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), ds, "--direction", f"{s}-{t}",
+    res = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), ds, "--direction", f"{s}-{t}",
                           "--data", data, "--save-dir", save, "--print-args"],
                          env=dict(ENV, ARCH_NUM_GPUS=str(gpus)), capture_output=True, text=True)
     shell = effective("train", json.loads(res.stdout)[1:], str(tmp_path))
