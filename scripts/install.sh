@@ -89,11 +89,12 @@ else
         "${PIP[@]}" "torch==$TORCH_VERSION" && installed=1
     elif [[ "$mode" == cpu || ( "$mode" == auto && "$(uname -s)" == Linux && $has_nvidia == 0 ) ]]; then
         say "no NVIDIA driver: trying the CPU build of torch==$TORCH_VERSION ($TORCH_CPU_INDEX, ~200 MB)"
-        if "${PIP[@]}" --timeout 20 --retries 1 --index-url "$TORCH_CPU_INDEX" --no-deps "torch==$TORCH_VERSION" \
-                2>/dev/null; then
+        # pip's output is kept quiet unless it worked: an unreachable index is an expected outcome here
+        if cpu_log="$("$PY" -m pip install -q --timeout 20 --retries 1 --index-url "$TORCH_CPU_INDEX" \
+                --no-deps "torch==$TORCH_VERSION" 2>&1)"; then
             "${PIP[@]}" "torch==$TORCH_VERSION" && installed=1   # its dependencies, from PyPI
         else
-            say "the CPU index cannot be reached from here"
+            say "no CPU build from $TORCH_CPU_INDEX (pip: $(grep -m1 -oE 'Name or service not known|timed out|No matching distribution[^)]*|Connection refused' <<<"$cpu_log" || echo "${cpu_log##*$'\n'}"))"
             [[ "$mode" == cpu ]] && { echo "[install] ARCH_TORCH=cpu and no CPU build found" >&2; exit 1; }
         fi
     fi
