@@ -68,18 +68,22 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def build(data_bin: str, save_dir: str, extra=()):
-    """(cfg, task, model, criterion) as fairseq-train builds them: the small CPU
-    transformer, or transformer_iwslt_de_en on a GPU when one is present."""
+ARCH_FLAGS = ["--user-dir", USER_DIR, "--task", "arch_translation",
+              "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+
+
+def build_from_flags(argv, cuda: bool = False):
+    """(cfg, task, model, criterion) exactly as fairseq-train builds them from its
+    command line ``argv`` (data directory first; the last of a repeated flag wins),
+    with the training split loaded; the model moved to the GPU when ``cuda``.
+
+    The one builder of the repository: the benchmarks' :func:`build` and the tests'
+    ``tests.utils.build_components`` differ only in the flags they pass."""
     from fairseq import options, tasks, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [
-        data_bin, *([] if on_gpu() else ["--cpu"]), "--save-dir", save_dir, "--user-dir", USER_DIR,
-        "--task", "arch_translation", "--criterion", "adversarial_label_smoothed_cross_entropy",
-        "--label-smoothing", "0.1", "--max-tokens", "4096", *(IWSLT_MODEL if on_gpu() else SMALL_MODEL), *extra,
-    ])
+    args = options.parse_args_and_arch(parser, list(argv))
     cfg = convert_namespace_to_omegaconf(args)
     utils.import_user_module(cfg.common)
     torch.manual_seed(cfg.common.seed)
@@ -87,9 +91,19 @@ def build(data_bin: str, save_dir: str, extra=()):
     task.load_dataset("train")
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
-    if on_gpu():
+    if cuda:
         model = model.cuda()
     return cfg, task, model, criterion
+
+
+def build(data_bin: str, save_dir: str, extra=()):
+    """(cfg, task, model, criterion) as fairseq-train builds them: the small CPU
+    transformer, or transformer_iwslt_de_en on a GPU when one is present."""
+    gpu = on_gpu()
+    return build_from_flags([
+        data_bin, *([] if gpu else ["--cpu"]), "--save-dir", save_dir, *ARCH_FLAGS,
+        "--max-tokens", "4096", *(IWSLT_MODEL if gpu else SMALL_MODEL), *extra,
+    ], cuda=gpu)
 
 
 def train_batches(task, max_tokens=4096, seed=1):

@@ -26,8 +26,9 @@ TINY_MODEL = [
     "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
     "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
 ]
-ARCH_TASK = ["--user-dir", USER_DIR, "--task", "arch_translation",
-             "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+from benchmarks.common import ARCH_FLAGS  # noqa: E402  (one list of the plugin's flags)
+
+ARCH_TASK = list(ARCH_FLAGS)
 
 
 def console(name: str) -> str:
@@ -147,25 +148,14 @@ def generate(data_dir: str, path: str, extra=()) -> str:
 
 
 def build_components(data_dir: str, extra=(), save_dir: str = None):
-    """(cfg, task, model, criterion) exactly as fairseq-train builds them."""
-    from fairseq import options, tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    """(cfg, task, model, criterion) exactly as fairseq-train builds them: the tiny CPU
+    model with ARCH, no dropout; the builder is the benchmarks' (one implementation)."""
+    from benchmarks.common import build_from_flags
 
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [
+    return build_from_flags([
         data_dir, "--cpu", "--save-dir", save_dir or os.path.join(data_dir, "ckpt"),
         "--dropout", "0", "--max-tokens", "1000", *ARCH_TASK, *TINY_MODEL, *extra,
     ])
-    cfg = convert_namespace_to_omegaconf(args)
-    from fairseq import utils
-
-    utils.import_user_module(cfg.common)
-    torch.manual_seed(cfg.common.seed)
-    task = tasks.setup_task(cfg.task)
-    task.load_dataset("train")
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    return cfg, task, model, criterion
 
 
 def batches(task, max_sentences=None, max_tokens=1000):
