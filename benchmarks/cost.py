@@ -20,6 +20,7 @@ import time
 import torch
 
 from . import common
+from .quality import _progress
 
 # (forwards, backwards) per update: our literal count and the paper's Table 1 count
 COUNTS = {
@@ -61,12 +62,16 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
     batches = common.train_batches(task_ref)
     model.train()
     # the reuse task needs a filled cache: one refresh epoch, then epoch 2 (reuse)
+    print(f"cost: filling the ARCH cache (one refresh epoch, {len(batches)} batches), then {rounds} "
+          "interleaved rounds of every method", flush=True)
+    t_start = time.perf_counter()
     task_use.begin_epoch(1, model)
     for b in batches:
         crit_use(model, b)
     t_fill = time.perf_counter()
     task_use.begin_epoch(2, model)
     finalize_s = time.perf_counter() - t_fill
+    print(f"cost: cache filled in {_progress().fmt_duration(time.perf_counter() - t_start)}", flush=True)
     task_ref.begin_epoch(1, model)
 
     crits = {m: Crit(task_ref, False, 0.1, adv_method=m, adv_steps=steps) for m in ("none", "r3f", "smart", "freelb")}
@@ -94,6 +99,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
     read_share = []
     fwd, bwd, optim = [], [], []
     rng = random.Random(0)
+    live = _progress().Steps("cost round", rounds)  # (`steps` is S)
     for r in range(rounds):
         batch = batches[r % len(batches)]
         order = list(crits) + ["parts"]
@@ -111,6 +117,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
             times[m].append(dt)
             if m == "arch-reuse":
                 read_share.append(read_time["s"] / dt)
+        live.done(f"{len(crits)} methods + one forward/backward, batch {r % len(batches) + 1}/{len(batches)}")
 
     med = {m: statistics.median(v) for m, v in times.items()}
     t_f, t_b, t_o = statistics.median(fwd), statistics.median(bwd), statistics.median(optim)
@@ -158,6 +165,7 @@ def peak_rss(work: str, sentences: int) -> dict:
     process each, measured by a wrapper that waits for exactly one child."""
     data = common.multi30k_bin(work, sentences)
     out = {}
+    live = _progress().Steps("cost peak-RSS run", 3)
     for method in ("none", "r3f", "arch"):
         cmd = ["fairseq-train", data, "--user-dir", common.USER_DIR, "--task", "arch_translation",
                "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
@@ -171,6 +179,7 @@ def peak_rss(work: str, sentences: int) -> dict:
         rc, kb = res.stdout.split()
         assert rc == "0", f"fairseq-train --adv-method {method} failed"
         out[method] = int(kb) / 1024.0
+        live.done(f"fairseq-train --adv-method {method} (3 epochs): peak RSS {out[method]:.0f} MiB")
     out["ratio_arch_vs_none"] = out["arch"] / out["none"]
     out["ratio_arch_vs_r3f"] = out["arch"] / out["r3f"]
     return out

@@ -15,6 +15,16 @@ import sys
 
 from . import common
 
+
+def _progress():
+    """scripts/progress.py: per-epoch lines of a running fairseq-train, progress of loops."""
+    scripts = os.path.join(common.REPO, "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import progress
+
+    return progress
+
 MODEL = [
     "--arch", "transformer", "--share-all-embeddings",
     "--encoder-layers", "2", "--decoder-layers", "2",
@@ -73,8 +83,11 @@ def run_one(data_bin: str, work: str, method: str, seed: int, epochs: int, tc: i
              "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
              "--save-dir", save, "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
              "--log-format", "json", "--log-interval", "1", "--no-progress-bar"]
-    with open(log, "w") as f:
-        subprocess.run(train, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
+    # fairseq's output -> train.log; one line per epoch (kind, losses, seconds, time left) as it ends
+    print(f"quality {method} seed {seed}: fairseq-train, {epochs} epochs -> {log}", flush=True)
+    rc = _progress().run(train, log, env=env, what=f"fairseq-train ({method}, seed {seed})")
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, train)
     gen = subprocess.run(
         ["fairseq-generate", data_bin, "--user-dir", common.USER_DIR, "--task", "arch_translation",
          "--path", os.path.join(save, "checkpoint_best.pt"), "--gen-subset", "test", "--beam", "5",
@@ -147,10 +160,20 @@ def _finished(work, pairs, epochs, tc):
 def main(args):
     pairs = args.train_pairs or 29000
     data = common.multi30k_bin(args.work, pairs, threshold=3)  # rare words -> <unk>: a smaller softmax
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for method in args.methods.split(","):  # seed-major: every method gets each seed early
-            r = run_one(data, args.work, method, seed, args.epochs, args.tc, pairs)
-            print(f"quality {method} seed {seed}: test sacreBLEU {r['test_sacrebleu']:.2f}, {r['wall_s']:.0f} s", flush=True)
+    runs = [(seed, method) for seed in [int(s) for s in args.seeds.split(",")]
+            for method in args.methods.split(",")]  # seed-major: every method gets each seed early
+    # runs left are priced by the mean of the finished runs of the same method (smart costs more than none)
+    steps = _progress().Steps("quality run", len(runs), kinds=[m for _, m in runs])
+    for seed, method in runs:
+        reused = os.path.exists(os.path.join(args.work, "quality", f"p{pairs}-e{args.epochs}-tc{args.tc}",
+                                             f"{method}-s{seed}", "result.json"))
+        r = run_one(data, args.work, method, seed, args.epochs, args.tc, pairs)
+        detail = f"{method} seed {seed}: test sacreBLEU {r['test_sacrebleu']:.2f}, {r['wall_s']:.0f} s training"
+        if reused:
+            steps.skip()
+            print(f"quality run {steps.i}/{steps.total}: {detail} (finished earlier)", flush=True)
+        else:
+            steps.done(detail)
             # the report is rewritten after every run: a stopped benchmark still reports
             results = _finished(args.work, pairs, args.epochs, args.tc)
             md, summary = summarize(results, pairs)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import common
+from .quality import _progress
 
 
 class _Dict:
@@ -187,7 +188,12 @@ def main(args):
     if os.path.exists(path):  # keep other scales measured earlier; re-measured ones are replaced
         with open(path) as f:
             rows = json.load(f)["rows"]
-    for name in args.scales.split(","):
+    names = args.scales.split(",")
+    # no time-left estimate: a scale's cost grows about with N x pN (exact search), so the mean of the
+    # smaller scales says little about the next one
+    live = _progress().Steps("scale", len(names), eta=False)
+    for i, name in enumerate(names):
+        print(f"scale {i + 1}/{len(names)}: {name} started (cache build + neighbour search, one subprocess)", flush=True)
         cmd = [sys.executable, "-c",
                "import json, sys, warnings; warnings.filterwarnings('ignore'); from benchmarks import scale; "
                f"print('RESULT', json.dumps(scale.one_scale({name!r}, 512, 0.1, 1)))"]
@@ -197,6 +203,6 @@ def main(args):
             sys.exit(f"scale {name} failed:\n{res.stderr[-3000:]}")
         row = json.loads(line[0][7:])
         rows = [r for r in rows if r["corpus"] != row["corpus"]] + [row]
-        print(f"scale {name}: {row['search_total_s']:.1f} s search, {row['peak_rss_mb']:.0f} MiB peak", flush=True)
+        live.done(f"{name}: {row['search_total_s']:.1f} s search, {row['peak_rss_mb']:.0f} MiB peak")
     rows.sort(key=lambda r: r["sentences"])
     common.write_report(args.out, "scale", {"rows": rows}, markdown(rows, 512, 0.1))

@@ -51,7 +51,10 @@ fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --trainpref "$WORK/
     --joined-dictionary --workers 2 > "$WORK/preprocess.log" 2>&1 || { tail "$WORK/preprocess.log"; exit 1; }
 
 echo "== 2/4 train with ARCH ($EPOCHS epochs, fresh perturbations every $TC epochs) -> $WORK/train.log"
-fairseq-train "$WORK/bin" --user-dir "$REPO/fairseq_arch" \
+# scripts/progress.py keeps fairseq's whole output in train.log and prints each epoch's line as it ends
+# (kind: refresh/reuse, seconds, time left; on a terminal also a line for the running epoch). Its exit
+# status is fairseq-train's; on failure it prints why and the log's last 30 lines.
+python3 scripts/progress.py run --log "$WORK/train.log" --tail 30 -- fairseq-train "$WORK/bin" --user-dir "$REPO/fairseq_arch" \
     --task arch_translation --criterion adversarial_label_smoothed_cross_entropy --label-smoothing 0.1 \
     --arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3 \
     --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 \
@@ -59,9 +62,7 @@ fairseq-train "$WORK/bin" --user-dir "$REPO/fairseq_arch" \
     --optimizer adam --adam-betas '(0.9, 0.98)' --lr 2e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 \
     --max-tokens 4096 --max-epoch "$EPOCHS" --arch-refresh-interval "$TC" \
     --save-dir "$WORK/checkpoints" --no-epoch-checkpoints --seed 1 --cpu \
-    --no-progress-bar --log-format simple --log-interval 50 "${EXTRA[@]}" > "$WORK/train.log" 2>&1 \
-    || { tail -30 "$WORK/train.log"; exit 1; }
-python3 scripts/log_summary.py "$WORK/train.log"
+    --no-progress-bar --log-format simple --log-interval 5 "${EXTRA[@]}" || exit $?
 for f in "$WORK/checkpoints/arch_cache"/gen-*/*.bin; do echo "  cache file ${f#$WORK/}: $(stat -c %s "$f") bytes"; done
 
 echo "== 3/4 translate the test set (fairseq-generate, beam 5) -> $WORK/generate.log"

@@ -9,6 +9,10 @@ The effective batch (64k tokens for IWSLT, 450k for WMT'16) is max-tokens per de
 CPU, one device, --cpu). Rerunning the same command resumes: fairseq loads <save-dir>/checkpoint_last.pt
 and ARCH its cache in <save-dir>/arch_cache. Arguments after `--` go to fairseq-train last, so they
 override anything set here. --print-args prints the fairseq-train command (one JSON list) and exits.
+Output: on a terminal (or with --progress) fairseq's output goes to <save-dir>/train.log (appended on a
+resume) and one line per epoch is printed as it ends (scripts/progress.py: kind refresh/reuse, losses,
+seconds, time left; a line for the running epoch); otherwise (or with --no-progress) fairseq-train
+replaces this process and writes to stdout as usual. The exit status is fairseq-train's either way.
 Environment: ARCH_NUM_GPUS overrides the GPU count (the command is printed for that many GPUs),
 ARCH_SMOKE=1 is --smoke.
 """
@@ -114,6 +118,10 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=0, help="tokens per device per step (default 4096)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 epochs on a smoke data dir (CI)")
     ap.add_argument("--print-args", action="store_true", help="print the fairseq-train command as JSON and exit")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="per-epoch lines, fairseq's output to SAVE_DIR/train.log (default on a terminal)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="fairseq's own output on stdout")
     a = ap.parse_args(argv)
     e = EXPERIMENTS[a.dataset]
     smoke = a.smoke or os.environ.get("ARCH_SMOKE") == "1"
@@ -141,6 +149,13 @@ def main(argv=None):
     with open(os.path.join(save_dir, "command.txt"), "a") as f:
         f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    if a.progress if a.progress is not None else sys.stdout.isatty():
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import progress
+
+        log = os.path.join(save_dir, "train.log")
+        print(f"train: fairseq-train's output -> {log}", flush=True)
+        return progress.run(cmd, log, append=True, what="fairseq-train")
     sys.stdout.flush()
     os.execvp(cmd[0], cmd)
 
