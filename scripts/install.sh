@@ -64,8 +64,8 @@ fi
 rm -f "$STAMP"
 
 # --- 1. torch ----------------------------------------------------------------------------------
-torch_build() {
-    "$PY" - <<'PYEOF'
+torch_build() {   # (stderr: torch warns that numpy is missing when it is installed before it)
+    "$PY" - 2>/dev/null <<'PYEOF'
 import torch
 cuda = torch.version.cuda
 print(f"torch {torch.__version__} ({'CUDA ' + cuda if cuda else 'CPU'} build)")
