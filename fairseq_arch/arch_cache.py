@@ -96,6 +96,7 @@ class ArchCache:
         self.mode: Optional[str] = None
         self.last_search_seconds = 0.0
         self.last_search_backend = ""
+        self.last_filled: Dict[str, int] = {}  # side -> cached rows filled at the last finalisation
 
     # -- epoch level ------------------------------------------------------------
 
@@ -137,38 +138,44 @@ class ArchCache:
         if ip is not None and ip["epoch"] < epoch:
             self._finalize(ip, model)
             state = store.read_state()
-        elif ip is not None and ip["epoch"] > epoch:
-            # a refresh of a later epoch from an abandoned run (resumed from an older
-            # checkpoint): it will be recomputed when training gets there
-            logger.warning(f"ARCH cache: dropping the unfinished generation of epoch {ip['epoch']}")
-            state["in_progress"] = None
-            store.write_state(state)
-            store.remove_generations_except([state["current"]["name"]] if state.get("current") else [])
         cur = state.get("current")
         if not self._verified and cur is not None:
             store.verify_generation(cur["name"])  # once per process: a resumed run reads it
             self._verified = True
+        # refuse before changing anything on disk: a run resumed from the wrong (older)
+        # checkpoint must not cost the cache of the right one its unfinished generation
+        ahead = ("the cache is ahead of the checkpoint (resumed from an older checkpoint?): resume "
+                 "from this run's newest checkpoint_last.pt, or start a new cache dir")
         if refresh:
             if cur is not None and cur["epoch"] >= epoch:
                 raise CacheMismatchError(
                     f"{self.cache_dir} already holds the perturbations refreshed in epoch "
-                    f"{cur['epoch']}, but training is at epoch {epoch}: the cache is ahead of "
-                    "the checkpoint. Resume from checkpoint_last.pt or start a new cache dir."
+                    f"{cur['epoch']}, but training is at epoch {epoch}: {ahead}"
                 )
-            ip = state.get("in_progress")
-            if ip is None or ip["epoch"] != epoch:
-                name = store.gen_name(epoch)
-                store.create_generation(name, cur["name"] if cur else None)
-                state["in_progress"] = {"name": name, "epoch": epoch, "base": cur["name"] if cur else None}
-                store.write_state(state)
         else:
             want = cache_math.last_refresh_epoch(epoch, self.refresh_interval)
             if cur is None or cur["epoch"] != want:
                 raise CacheMismatchError(
                     f"epoch {epoch} reuses the perturbations of epoch {want}, but "
                     f"{self.cache_dir} holds {('those of epoch %d' % cur['epoch']) if cur else 'none'}: "
-                    "the cache dir does not belong to this checkpoint (deleted or replaced?)"
+                    + (ahead if cur is not None and cur["epoch"] > want else
+                       "the cache dir does not belong to this checkpoint (deleted or replaced?)")
                 )
+        if ip is not None and ip["epoch"] > epoch:
+            # a refresh of a later epoch from an abandoned run (resumed from an older
+            # checkpoint that still reads the current generation): it will be
+            # recomputed when training gets there
+            logger.warning(f"ARCH cache: dropping the unfinished generation of epoch {ip['epoch']}")
+            state["in_progress"] = None
+            store.write_state(state)
+            store.remove_generations_except([cur["name"]] if cur else [])
+        if refresh:
+            ip = state.get("in_progress")
+            if ip is None or ip["epoch"] != epoch:
+                name = store.gen_name(epoch)
+                store.create_generation(name, cur["name"] if cur else None)
+                state["in_progress"] = {"name": name, "epoch": epoch, "base": cur["name"] if cur else None}
+                store.write_state(state)
         return state
 
     def begin_epoch(self, epoch: int, model) -> None:
@@ -227,33 +234,81 @@ class ArchCache:
         flat, offsets = self._token_chunk(side, ids)
         return cache_math.sentence_vectors(flat, offsets, w, ignore=(d.pad(), d.eos(), d.bos()))
 
-    def compute_neighbors(self, side: str, model, epoch: int) -> np.ndarray:
+    def compute_neighbors(self, side: str, model, epoch: int,
+                          db_positions: Optional[np.ndarray] = None) -> np.ndarray:
         """N x K int32 table: for every uncached sentence, the cached positions of its
-        K nearest neighbours (cosine of mean word embeddings); -1 for cached ones."""
+        K nearest neighbours (cosine of mean word embeddings); -1 for cached ones.
+        Neighbours are drawn from ``db_positions`` (cached positions; default all)."""
         store = self.store
         k = self.num_neighbors
         nbr = np.full((store.n_sentences, k), -1, dtype=np.int32)
         uncached = np.nonzero(store.pos_of < 0)[0]
         if len(uncached) == 0:
             return nbr
+        nbr[uncached] = self._nearest_cached(side, model, epoch, uncached, db_positions, k, salt=0)
+        return nbr
+
+    def _nearest_cached(self, side: str, model, epoch: int, queries_ids: np.ndarray,
+                        db_positions: Optional[np.ndarray], k: int, salt: int) -> np.ndarray:
+        """len(queries_ids) x k cached positions (among ``db_positions``, default all):
+        the nearest by cosine of mean word embeddings, or random ones (R-1-NN)."""
+        store = self.store
+        if db_positions is None:
+            db_positions = np.arange(store.num_cached)
+        out = np.zeros((len(queries_ids), k), dtype=np.int32)
         if self.neighbor_embeddings == "random":
             side_id = 0 if side == "source" else 1
-            rng = np.random.default_rng([self.seed, epoch, side_id, 0x5EED])
-            nbr[uncached] = rng.integers(0, store.num_cached, size=(len(uncached), k))
+            rng = np.random.default_rng([self.seed, epoch, side_id, 0x5EED + salt])
+            out[:] = db_positions[rng.integers(0, len(db_positions), size=(len(queries_ids), k))]
             self.last_search_backend = "random"
-            return nbr
+            return out
         w = self._embedding_matrix(side, model)
-        db = self._vectors(side, store.cached_ids, w)
+        db = self._vectors(side, store.cached_ids[db_positions], w)
         index = CosineIndex(db, device=w.device)
         self.last_search_backend = index.backend
-        for start in range(0, len(uncached), NEIGHBOR_CHUNK):
-            chunk = uncached[start: start + NEIGHBOR_CHUNK]
+        for start in range(0, len(queries_ids), NEIGHBOR_CHUNK):
+            chunk = queries_ids[start: start + NEIGHBOR_CHUNK]
             # identical sentence vectors (repeated sentences, common in crawled or
             # Tatoeba-like corpora) have identical neighbours: search each once
             queries, inverse = torch.unique(self._vectors(side, chunk, w), dim=0, return_inverse=True)
             _, idx = index.search(queries, k)
-            nbr[chunk] = idx[inverse.cpu()].numpy().astype(np.int32)
-        return nbr
+            out[start: start + len(chunk)] = db_positions[idx[inverse.cpu()].numpy()]
+        return out
+
+    def _fill_unwritten(self, name: str, side: str, model, epoch: int) -> Tuple[int, Optional[np.ndarray]]:
+        """Cached rows that no batch of the refresh wrote: sentences filtered out of
+        training (max positions), batches skipped for non-finite values, or batches
+        of a resumed epoch that another --max-tokens / world size re-batched. Their
+        rows still hold the previous generation (stale) or zeros (first refresh), and
+        a reuse epoch would train on them and hand them to neighbours. No fresh
+        perturbation can be computed here (no batch, no criterion), so they are rebuilt
+        from their K nearest *written* cached neighbours exactly as uncached sentences
+        are (Eq. 3): an estimate of this refresh instead of a stale or zero one, stored
+        in the row itself so that reads, means, neighbours and the next refresh's EMA
+        need no special case. (Marking them as "rebuild at read" would also need the
+        next EMA to skip them.) Returns (#filled, cached positions that were written,
+        or None when all were)."""
+        store = self.store
+        written = store.written_flags(name, side)
+        if written is None:
+            logger.warning(f"ARCH cache: {name} has no {side} write flags (made by an older version): "
+                           "rows no batch wrote cannot be detected")
+            return 0, None
+        missing = np.nonzero(~written)[0]
+        have = np.nonzero(written)[0]
+        if len(missing) == 0:
+            return 0, None
+        if len(have) == 0:
+            logger.warning(f"ARCH cache: no batch of the refresh in epoch {epoch} wrote a {side} row; "
+                           "the cached rows are left as they were")
+            return 0, None
+        k = min(self.num_neighbors, len(have))
+        nbr = self._nearest_cached(side, model, epoch, store.cached_ids[missing], have, k, salt=1)  # n x k
+        means = cache_math.row_means(store.token_file(name, side), store.offsets[side])  # M x C
+        rows = cache_math.rebuild_from_neighbors(torch.from_numpy(means[nbr]), store.lengths[side][missing])
+        store.write_rows(name, side, missing, [r.numpy() for r in rows], mark_written=False)
+        store.flush(name)
+        return len(missing), have
 
     def _finalize(self, ip: dict, model) -> None:
         store = self.store
@@ -261,17 +316,34 @@ class ArchCache:
         store.flush(name)
         t0 = time.perf_counter()
         search_s = 0.0
+        filled = {}
         with torch.no_grad():
             for side in store.sides:
+                t1 = time.perf_counter()
+                # idempotent: a finalisation cut short and redone fills the same rows the
+                # same way (the flags are removed only once the generation is complete)
+                filled[side], written = self._fill_unwritten(name, side, model, ip["epoch"])
+                if filled[side]:
+                    logger.warning(
+                        f"ARCH cache: {filled[side]} of {store.num_cached} cached {side} rows got no "
+                        f"fresh perturbation in the refresh of epoch {ip['epoch']} (filtered out of "
+                        "training, skipped or re-batched on resume): rebuilt from their nearest "
+                        "written neighbours")
+                search_s += time.perf_counter() - t1
                 store.save_array_checked(name, f"{side}_mean.npy",
                                          cache_math.row_means(store.token_file(name, side), store.offsets[side]))
                 t1 = time.perf_counter()
-                store.save_array_checked(name, f"{side}_nbr.npy", self.compute_neighbors(side, model, ip["epoch"]))
+                # uncached sentences take their neighbours among the written rows only:
+                # a filled row is itself a neighbour estimate
+                store.save_array_checked(name, f"{side}_nbr.npy",
+                                         self.compute_neighbors(side, model, ip["epoch"], written))
                 search_s += time.perf_counter() - t1
                 fault_point(f"finalize@{ip['epoch']}")
         self.last_search_seconds = search_s
+        self.last_filled = filled
         store.mark_complete(name, {"epoch": ip["epoch"], "search_seconds": search_s,
-                                   "backend": self.last_search_backend})
+                                   "backend": self.last_search_backend, "filled": filled})
+        store.remove_written_flags(name)
         state = store.read_state()
         state["current"] = {"name": name, "epoch": ip["epoch"]}
         state["in_progress"] = None

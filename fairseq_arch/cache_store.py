@@ -11,6 +11,8 @@ Layout of ``--arch-cache-dir``::
         source_mean.npy    M x C float32, word-averaged row of each cached sentence
         source_nbr.npy     N x K int32, cached positions of each sentence's neighbours
         target_*.npy       same for the target side
+        source.written     while being written: one byte per cached sentence, 1 once a
+                           batch wrote its row (removed when the generation is complete)
         COMPLETE           written last; a generation without it is never read
 
 A refresh epoch writes a *new* generation (copied from the current one, then
@@ -35,6 +37,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 SIDES = ("source", "target")
+# suffix of a generation's per-side "row written by a batch" flags (only while it is
+# being written; not a .bin/.npy, so not part of the checksums of a complete one)
+WRITTEN = ".written"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -104,6 +109,47 @@ def file_crc32(path: str, chunk: int = 1 << 24) -> str:
                 break
             crc = zlib.crc32(block, crc)
     return f"{crc:08x}"
+
+
+# the same advice as the crc32 checks give for a damaged generation
+DAMAGED = "the cache dir is damaged; delete the cache dir to recompute it"
+
+
+def _read_json_dict(path: str) -> dict:
+    """A JSON object from one of the cache's own files, or CacheCorruptError naming the
+    file: these files are written atomically, so anything unreadable was damaged
+    outside this program and must not surface as a traceback deep inside the run."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise CacheCorruptError(f"{path} is missing: {DAMAGED}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CacheCorruptError(f"{path} is not valid JSON ({e}): {DAMAGED}") from None
+    if not isinstance(obj, dict):
+        raise CacheCorruptError(f"{path} holds a JSON {type(obj).__name__}, expected an object: {DAMAGED}")
+    return obj
+
+
+def _check_state(path: str, state: dict) -> dict:
+    """state.json: {"current": None | {name, epoch}, "in_progress": None | {name, epoch, base}}."""
+    def bad(why):
+        return CacheCorruptError(f"{path} is invalid ({why}): {DAMAGED}")
+
+    for key, fields in (("current", ("name", "epoch")), ("in_progress", ("name", "epoch", "base"))):
+        if key not in state:
+            raise bad(f"no {key!r} entry")
+        entry = state[key]
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or any(f not in entry for f in fields):
+            raise bad(f"{key!r} must be null or an object with {list(fields)}, got {entry!r}")
+        if not isinstance(entry["name"], str) or not entry["name"].startswith("gen-") \
+                or type(entry["epoch"]) is not int or entry["epoch"] < 1:
+            raise bad(f"{key!r} must name a generation gen-* and a positive integer epoch, got {entry!r}")
+        if key == "in_progress" and not (entry["base"] is None or isinstance(entry["base"], str)):
+            raise bad(f"'in_progress' base must be null or a generation name, got {entry['base']!r}")
+    return state
 
 
 def _disk_error(e: OSError, what: str) -> RuntimeError:
@@ -178,8 +224,10 @@ class PerturbationCacheStore:
     def _create_or_check(self, fraction: float, seed: int) -> None:
         os.makedirs(self.dir, exist_ok=True)
         if os.path.exists(self._layout_path):
-            with open(self._layout_path) as f:
-                found = json.load(f)
+            found = _read_json_dict(self._layout_path)
+            missing = [k for k in self.fingerprint if k not in found]
+            if missing:
+                raise CacheCorruptError(f"{self._layout_path} is invalid (no {missing}): {DAMAGED}")
             diffs = [
                 f"{k}: cache has {found.get(k)!r}, this run has {v!r}"
                 for k, v in self.fingerprint.items()
@@ -193,6 +241,12 @@ class PerturbationCacheStore:
                     "to start the cache from scratch."
                 )
             return
+        # layout.json is written last when a cache dir is made: without it the dir is
+        # new (or its creation was cut short), unless generations exist -- then it was
+        # lost, and remaking the layout would reset state.json and orphan them
+        gens = sorted(e for e in os.listdir(self.dir) if e.startswith("gen-"))
+        if gens:
+            raise CacheCorruptError(f"{self._layout_path} is missing but the dir holds {gens}: {DAMAGED}")
         ids = choose_cached_ids(self.n_sentences, fraction, seed)
         _atomic_save_npy(self._ids_path, ids)
         _atomic_write_json(self._state_path, {"current": None, "in_progress": None})
@@ -205,11 +259,10 @@ class PerturbationCacheStore:
                 f"{self._layout_path} is missing: every rank must see the same "
                 "--arch-cache-dir (a filesystem shared by all nodes)"
             )
-        with open(self._layout_path) as f:
-            found = json.load(f)
+        found = _read_json_dict(self._layout_path)
         if found != self.fingerprint:
             raise CacheMismatchError(f"{self._layout_path} differs from this rank's settings")
-        self.cached_ids = np.load(self._ids_path)
+        self.cached_ids = self._load_cached_ids()
         self.num_cached = len(self.cached_ids)
         assert self.num_neighbors <= self.num_cached, (
             f"--arch-neighbors {self.num_neighbors} exceeds the {self.num_cached} cached sentences"
@@ -221,6 +274,29 @@ class PerturbationCacheStore:
             s: np.concatenate([[0], np.cumsum(self.lengths[s])]).astype(np.int64) for s in SIDES
         }
 
+    def _load_cached_ids(self) -> np.ndarray:
+        """cached_ids.npy, checked against the layout: a truncated or foreign file would
+        otherwise index the token files wrongly (or fail deep inside numpy)."""
+        path = self._ids_path
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise CacheCorruptError(f"{path} is missing: {DAMAGED}") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise CacheCorruptError(f"{path} is unreadable ({e}): {DAMAGED}") from None
+        fraction = self.fingerprint["cache_fraction"]
+        want = self.n_sentences if fraction >= 1.0 else max(1, int(round(fraction * self.n_sentences)))
+        problem = None
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            problem = f"a {ids.dtype} array of shape {ids.shape}, expected 1-D integers"
+        elif len(ids) != want:
+            problem = f"{len(ids)} ids, expected {want} (p={fraction} of {self.n_sentences} sentences)"
+        elif len(ids) and (ids[0] < 0 or ids[-1] >= self.n_sentences or np.any(np.diff(ids) <= 0)):
+            problem = f"ids not strictly increasing within [0, {self.n_sentences})"
+        if problem:
+            raise CacheCorruptError(f"{path} is invalid ({problem}): {DAMAGED}")
+        return ids.astype(np.int64, copy=False)
+
     def expected_bytes(self, side: str) -> int:
         """Size of one side's token file: cached tokens x C x bytes (p x tokens x d x b)."""
         return int(self.offsets[side][-1]) * self.dims[side] * np.dtype(self.dtype).itemsize
@@ -228,8 +304,7 @@ class PerturbationCacheStore:
     # -- state ----------------------------------------------------------------
 
     def read_state(self) -> dict:
-        with open(self._state_path) as f:
-            return json.load(f)
+        return _check_state(self._state_path, _read_json_dict(self._state_path))
 
     def write_state(self, state: dict) -> None:
         _atomic_write_json(self._state_path, state)
@@ -266,6 +341,10 @@ class PerturbationCacheStore:
                     with open(path, "wb") as f:
                         if self.expected_bytes(side) > 0:
                             os.posix_fallocate(f.fileno(), 0, self.expected_bytes(side))
+                # one byte per cached sentence, set when a batch writes its row: rows
+                # no batch of the refresh wrote are found (and filled) at finalisation
+                with open(os.path.join(tmp, f"{side}{WRITTEN}"), "wb") as f:
+                    f.write(bytes(self.num_cached))
             fault_point(f"create_generation@{name}")
             os.replace(tmp, d)
         except OSError as e:
@@ -303,7 +382,8 @@ class PerturbationCacheStore:
         off = self.offsets[side]
         return [np.asarray(mm[off[p]: off[p + 1]], dtype=np.float32) for p in positions]
 
-    def write_rows(self, name: str, side: str, positions: Sequence[int], rows: Sequence[np.ndarray]) -> None:
+    def write_rows(self, name: str, side: str, positions: Sequence[int], rows: Sequence[np.ndarray],
+                   mark_written: bool = True) -> None:
         mm = self._map(name, side, writable=True)
         off = self.offsets[side]
         for p, r in zip(positions, rows):
@@ -311,6 +391,38 @@ class PerturbationCacheStore:
                 f"row of cached sentence {p} has shape {r.shape}"
             )
             mm[off[p]: off[p + 1]] = r.astype(self.dtype)
+        if mark_written:
+            flags = self._written_map(name, side)
+            if flags is not None:
+                flags[np.asarray(positions, dtype=np.int64)] = 1
+
+    def _written_map(self, name: str, side: str) -> Optional[np.memmap]:
+        """The writable per-sentence "row written" flags of a generation being written
+        (in ``_maps``, so flush() makes them durable with the rows); None for a
+        generation made before the flags existed."""
+        key = f"{name}/{side}{WRITTEN}/w"
+        if key not in self._maps:
+            path = os.path.join(self.gen_dir(name), f"{side}{WRITTEN}")
+            if not os.path.exists(path):
+                return None
+            if self.num_cached == 0 or os.path.getsize(path) != self.num_cached:
+                raise CacheCorruptError(f"{path} has {os.path.getsize(path)} bytes, expected "
+                                        f"{self.num_cached} (one per cached sentence): {DAMAGED}")
+            self._maps[key] = np.memmap(path, dtype=np.uint8, mode="r+", shape=(self.num_cached,))
+        return self._maps[key]
+
+    def written_flags(self, name: str, side: str) -> Optional[np.ndarray]:
+        """M bools: which cached rows a batch wrote in this generation (None: unknown)."""
+        flags = self._written_map(name, side)
+        return None if flags is None else np.asarray(flags) != 0
+
+    def remove_written_flags(self, name: str) -> None:
+        """After finalisation the flags mean nothing: the generation is read-only."""
+        for side in self.sides:
+            self._maps.pop(f"{name}/{side}{WRITTEN}/w", None)
+            path = os.path.join(self.gen_dir(name), f"{side}{WRITTEN}")
+            if os.path.exists(path):
+                os.remove(path)
 
     def flush(self, name: str) -> None:
         for key, m in self._maps.items():

@@ -4,6 +4,11 @@ A forward hook on ``encoder.embed_tokens`` / ``decoder.embed_tokens`` adds delta
 the lookup output, i.e. *before* fairseq multiplies by ``embed_scale`` (sqrt(d)) and
 adds positions. With ``--share-all-embeddings`` both sides call the same module, so
 the hook tells them apart by the identity of the token tensor it is called on.
+
+fairseq's LSTM encoder does not embed ``src_tokens`` itself: it first moves the left
+padding to the right (``utils.convert_padding_direction``) and embeds that new tensor.
+The hook recognises the moved tokens and moves delta's rows the same way, so every
+token keeps its own perturbation row (and padding stays zero).
 """
 
 from contextlib import contextmanager
@@ -30,6 +35,18 @@ def embedding_modules(model: nn.Module) -> Dict[str, nn.Module]:
     return {"source": core.encoder.embed_tokens, "target": core.decoder.embed_tokens}
 
 
+def left_to_right_index(tokens: torch.Tensor, pad: int) -> Optional[torch.Tensor]:
+    """B x T gather index that moves left padding to the right exactly as fairseq's
+    ``utils.convert_padding_direction(tokens, pad, left_to_right=True)`` does (a
+    rotation of each row by its number of pads); None when it would not move anything."""
+    pad_mask = tokens.eq(pad)
+    if tokens.size(1) == 0 or not pad_mask[:, 0].any():
+        return None  # no left padding: fairseq embeds the tensor it was given
+    max_len = tokens.size(1)
+    positions = torch.arange(max_len, device=tokens.device).expand_as(tokens)
+    return torch.remainder(positions + pad_mask.long().sum(dim=1, keepdim=True), max_len)
+
+
 @contextmanager
 def perturbed_embeddings(
     model: nn.Module,
@@ -42,6 +59,16 @@ def perturbed_embeddings(
     sees ``embed_tokens(tokens) + delta``. Yields a dict counting how often each
     side was perturbed, so callers can check that the model really used the hook."""
     applied = {"source": 0, "target": 0}
+    moved_src = {}  # padding_idx -> (right-padded src_tokens, delta_src moved alike), lazily
+
+    def right_padded_source(pad: int):
+        if pad not in moved_src:
+            index = left_to_right_index(src_tokens, pad)
+            moved_src[pad] = None if index is None else (
+                src_tokens.gather(1, index),
+                delta_src.gather(1, index.unsqueeze(-1).expand_as(delta_src)),
+            )
+        return moved_src[pad]
 
     def hook(module, inputs, output):
         tokens = inputs[0]
@@ -51,6 +78,13 @@ def perturbed_embeddings(
         if delta_tgt is not None and tokens is prev_output_tokens:
             applied["target"] += 1
             return output + delta_tgt.to(output.dtype)
+        pad = getattr(module, "padding_idx", None)
+        if delta_src is not None and pad is not None and tokens.shape == src_tokens.shape:
+            # not src_tokens itself: the LSTM encoder's right-padded copy of it?
+            moved = right_padded_source(pad)
+            if moved is not None and torch.equal(tokens, moved[0]):
+                applied["source"] += 1
+                return output + moved[1].to(output.dtype)
         return None
 
     handles = []
@@ -74,5 +108,5 @@ def check_applied(applied: Dict[str, int], delta_src, delta_tgt, forwards: int =
                 f"the {side} perturbation was applied {applied[side]} times in {forwards} "
                 f"forward(s), expected {want}: the model must call embed_tokens on the "
                 "src_tokens / prev_output_tokens tensors it is given (fairseq transformer "
-                "and lstm models do)"
+                "models do; lstm encoders embed a right-padded copy, which the hook recognises)"
             )

@@ -1,17 +1,20 @@
 """Bad input never loses data, and low precision never poisons model or cache:
-full disk (a real, tiny tmpfs), non-finite regularizer or ascent, half-precision
-models (the cache stays float16, the KL is computed in float32)."""
+full disk (simulated ENOSPC; also a real, tiny tmpfs where one can be mounted), damaged
+state/layout/id files, non-finite regularizer or ascent, half-precision models (the
+cache stays float16, the KL is computed in float32)."""
 
+import errno
+import json
 import os
+import re
 import shutil
-import subprocess
 import uuid
 
 import numpy as np
 import pytest
 import torch
 
-from fairseq_arch.cache_store import CacheMismatchError
+from fairseq_arch.cache_store import CacheCorruptError, CacheMismatchError
 from fairseq_arch.criterions import adversarial_label_smoothed_cross_entropy as crit_mod
 
 from . import utils
@@ -34,6 +37,73 @@ def one_refresh_epoch(data_dir, save_dir, extra=()):
     return task, model, crit, batches
 
 
+def _generation_files(gen_dir):
+    return {f: open(os.path.join(gen_dir, f), "rb").read() for f in sorted(os.listdir(gen_dir))}
+
+
+def _enospc_after_half(real):
+    """A stand-in for an allocation call that fills the disk half-way, like a real one
+    that runs out of space: the partly written file must be cleaned up, not left behind."""
+    def fill_half_then_fail(fd, offset, length):
+        real(fd, offset, length // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def copy_half_then_fail(src, dst, *a, **k):
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            fo.write(fi.read()[: os.path.getsize(src) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
+
+    return copy_half_then_fail if real is shutil.copyfile else fill_half_then_fail
+
+
+def test_full_disk_fails_clearly_and_keeps_the_previous_generation(data_dir, tmp_path, monkeypatch):
+    """ENOSPC while a refresh allocates its new generation (simulated: cache_store
+    allocates a generation by copying the current one, or by posix_fallocate for the
+    first one). The error must say so at generation creation -- not as a SIGBUS on a
+    later memory-mapped write -- and the previous generation must stay current and
+    byte-identical, so that the run resumes once space is freed."""
+    save = str(tmp_path / "ckpt")
+    task, model, crit, batches = one_refresh_epoch(data_dir, save)
+    cache_dir = task.arch_cache.cache_dir
+    prev = os.path.join(cache_dir, "gen-e0001")
+    before = _generation_files(prev)
+    state_before = open(os.path.join(cache_dir, "state.json")).read()
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copyfile", _enospc_after_half(shutil.copyfile))
+        m.setattr(os, "posix_fallocate", _enospc_after_half(os.posix_fallocate))
+        with pytest.raises(RuntimeError, match="no space left on device while creating cache generation "
+                                               ".*gen-e0003.*previous cache generation is intact"):
+            task.begin_epoch(3, model)  # refresh: the copy into gen-e0003 does not fit
+    assert not os.path.exists(os.path.join(cache_dir, "gen-e0003")), "a generation that did not fit was kept"
+    assert not os.path.exists(os.path.join(cache_dir, "gen-e0003.tmp")), "the half-written copy was left behind"
+    assert _generation_files(prev) == before, "the previous generation changed"
+    assert open(os.path.join(cache_dir, "state.json")).read() == state_before, \
+        "state.json moved on although the new generation was never made"
+    task.arch_cache.store.verify_generation("gen-e0001")
+    task.arch_cache.store.close_maps()
+    # space freed: a resumed process (new task, same cache dir) refreshes normally
+    _, task, model, _ = utils.build_components(
+        data_dir, ["--arch-cache-fraction", "1.0", "--arch-refresh-interval", "2"], save_dir=save)
+    task.begin_epoch(3, model)
+    assert task.arch_cache.write_gen == "gen-e0003" and task.arch_cache.base_gen == "gen-e0001"
+    task.arch_cache.store.close_maps()
+
+
+def test_full_disk_on_the_first_generation_fails_clearly(data_dir, tmp_path, monkeypatch):
+    """The first generation has no base to copy: it is allocated with posix_fallocate."""
+    _, task, model, _ = utils.build_components(
+        data_dir, ["--arch-cache-fraction", "1.0", "--arch-refresh-interval", "2"], save_dir=str(tmp_path))
+    monkeypatch.setattr(os, "posix_fallocate", _enospc_after_half(os.posix_fallocate))
+    with pytest.raises(RuntimeError, match="no space left on device while creating cache generation .*gen-e0001"):
+        task.begin_epoch(1, model)
+    cache_dir = task.arch_cache.cache_dir
+    left = sorted(e for e in os.listdir(cache_dir) if e.startswith("gen-"))
+    assert left == [], f"a generation that did not fit was left behind: {left}"
+    with open(os.path.join(cache_dir, "state.json")) as f:
+        state = json.load(f)
+    assert state == {"current": None, "in_progress": None}, f"state.json moved on: {state}"
+
+
 @pytest.fixture
 def tiny_fs(tmp_path):
     mnt = str(tmp_path / f"tiny-{uuid.uuid4().hex[:6]}")
@@ -42,29 +112,31 @@ def tiny_fs(tmp_path):
     import gc
 
     gc.collect()  # drop memory maps of the test's cache so the mount is not busy
-    if subprocess.run(["umount", mnt], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    if os.path.ismount(mnt) and utils.run(["umount", mnt], timeout=60, capture_output=True).returncode != 0:
+        utils.run(["umount", "-l", mnt], timeout=60, capture_output=True)
 
 
-def test_full_disk_fails_clearly_and_keeps_the_previous_generation(data_dir, tmp_path, tiny_fs):
+def test_full_disk_on_a_real_tmpfs(data_dir, tmp_path, tiny_fs):
+    """The same with a real, tiny tmpfs, where this machine lets us mount one (root);
+    the monkeypatched test above is the one that always runs."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8); the simulated ENOSPC test covers this")
     # size one generation on a roomy disk, then give the run room for ~1.5 of them
     task, _, _, _ = one_refresh_epoch(data_dir, str(tmp_path / "probe"))
     gen = os.path.join(task.arch_cache.cache_dir, "gen-e0001")
     gen_bytes = sum(os.path.getsize(os.path.join(gen, f)) for f in os.listdir(gen))
     size_kb = (int(gen_bytes * 1.5) + 64 * 1024) // 1024
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", tiny_fs], capture_output=True)
+    res = utils.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", tiny_fs], timeout=60,
+                    capture_output=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
     task, model, crit, batches = one_refresh_epoch(data_dir, str(tmp_path / "ckpt"), ["--arch-cache-dir", tiny_fs])
-    before = {f: open(os.path.join(tiny_fs, "gen-e0001", f), "rb").read()
-              for f in os.listdir(os.path.join(tiny_fs, "gen-e0001"))}
+    before = _generation_files(os.path.join(tiny_fs, "gen-e0001"))
     with pytest.raises(RuntimeError, match="no space left on device.*previous cache generation is intact"):
         task.begin_epoch(3, model)  # refresh: the copy into gen-e0003 does not fit
     assert not os.path.exists(os.path.join(tiny_fs, "gen-e0003"))
     assert not os.path.exists(os.path.join(tiny_fs, "gen-e0003.tmp"))
-    after = {f: open(os.path.join(tiny_fs, "gen-e0001", f), "rb").read()
-             for f in os.listdir(os.path.join(tiny_fs, "gen-e0001"))}
-    assert before == after
+    assert _generation_files(os.path.join(tiny_fs, "gen-e0001")) == before, "the previous generation changed"
     task.arch_cache.store.verify_generation("gen-e0001")
     task.arch_cache.store.close_maps()
 
@@ -93,6 +165,95 @@ def test_reuse_epoch_without_its_cache_is_refused(data_dir, tmp_path):
     _, task, model, _ = utils.build_components(data_dir, ["--arch-refresh-interval", "2"], save_dir=save)
     with pytest.raises(CacheMismatchError, match="reuses the perturbations of epoch 1"):
         task.begin_epoch(2, model)
+
+
+@pytest.fixture(scope="module")
+def healthy_cache(data_dir, tmp_path_factory):
+    """A cache dir after one refresh epoch (gen-e0001 current). Read-only: tests copy it."""
+    save = str(tmp_path_factory.mktemp("healthy"))
+    task, _, _, _ = one_refresh_epoch(data_dir, save)
+    task.arch_cache.store.close_maps()
+    return task.arch_cache.cache_dir
+
+
+def _dir_bytes(root):
+    """Every file under root with its bytes; owner.token is restamped by every start."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files if f != "owner.token"}
+
+
+def _truncate_half(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _save_ids(path, ids):
+    np.save(path + ".npy", ids)  # np.save appends .npy to a name without it
+    os.replace(path + ".npy", path)
+
+
+CURRENT = {"name": "gen-e0001", "epoch": 1}
+# (file, damage, what the error must say about that file)
+DAMAGES = {
+    "state-truncated": ("state.json", _truncate_half, "is not valid JSON"),
+    "state-not-an-object": ("state.json", lambda p: _write(p, "[]"), "holds a JSON list"),
+    "state-missing-key": ("state.json", lambda p: _write(p, json.dumps({"in_progress": None})),
+                          "no 'current' entry"),
+    "state-current-a-string": ("state.json", lambda p: _write(p, json.dumps(
+        {"current": "gen-e0001", "in_progress": None})), "'current' must be null or an object"),
+    "state-epoch-a-string": ("state.json", lambda p: _write(p, json.dumps(
+        {"current": {"name": "gen-e0001", "epoch": "1"}, "in_progress": None})), "positive integer epoch"),
+    "state-in-progress-without-base": ("state.json", lambda p: _write(p, json.dumps(
+        {"current": CURRENT, "in_progress": {"name": "gen-e0003", "epoch": 3}})), "'in_progress' must be null"),
+    "state-missing": ("state.json", os.remove, "is missing"),
+    "layout-truncated": ("layout.json", _truncate_half, "is not valid JSON"),
+    "layout-missing-keys": ("layout.json", lambda p: _write(p, json.dumps({"format": 1})), "is invalid \\(no \\["),
+    "layout-not-an-object": ("layout.json", lambda p: _write(p, "1"), "holds a JSON int"),
+    "layout-missing": ("layout.json", os.remove, "is missing but the dir holds \\['gen-e0001'\\]"),
+    "ids-truncated": ("cached_ids.npy", _truncate_half, "is unreadable"),
+    "ids-missing": ("cached_ids.npy", os.remove, "is missing"),
+    "ids-too-few": ("cached_ids.npy", lambda p: _save_ids(p, np.load(p)[:-1]), "ids, expected"),
+    "ids-unsorted": ("cached_ids.npy", lambda p: _save_ids(p, np.load(p)[::-1].copy()), "not strictly increasing"),
+    "ids-out-of-range": ("cached_ids.npy", lambda p: _save_ids(p, np.load(p) + 1), "not strictly increasing within"),
+    "ids-floats": ("cached_ids.npy", lambda p: _save_ids(p, np.load(p).astype(np.float32)), "expected 1-D integers"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_state_layout_or_ids_file_is_refused_naming_it(data_dir, healthy_cache, tmp_path, damage):
+    """state.json, layout.json and cached_ids.npy are written atomically, so a damaged one
+    was changed outside the run: the resumed run must stop with an error that names
+    the file (not a KeyError/JSONDecodeError from deep inside), and change nothing."""
+    fname, spoil, says = DAMAGES[damage]
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(healthy_cache, cache_dir)
+    spoil(os.path.join(cache_dir, fname))
+    before = _dir_bytes(cache_dir)
+    _, task, model, _ = utils.build_components(
+        data_dir, ["--arch-cache-fraction", "1.0", "--arch-refresh-interval", "2", "--arch-cache-dir", cache_dir],
+        save_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(CacheCorruptError) as err:
+        task.begin_epoch(2, model)  # as a run resumed after epoch 1 does
+    msg = str(err.value)
+    assert os.path.join(cache_dir, fname) in msg, f"the error does not name {fname}: {msg}"
+    assert re.search(says, msg) and "delete the cache dir" in msg, msg
+    assert _dir_bytes(cache_dir) == before, "a refused cache dir was changed"
+
+
+def test_undamaged_copy_of_the_cache_resumes(data_dir, healthy_cache, tmp_path):
+    """Control for the test above: the same copy, undamaged, is accepted."""
+    cache_dir = str(tmp_path / "cache")
+    shutil.copytree(healthy_cache, cache_dir)
+    _, task, model, _ = utils.build_components(
+        data_dir, ["--arch-cache-fraction", "1.0", "--arch-refresh-interval", "2", "--arch-cache-dir", cache_dir],
+        save_dir=str(tmp_path / "ckpt"))
+    task.begin_epoch(2, model)
+    assert task.arch_cache.mode == "reuse" and task.arch_cache.read_gen == "gen-e0001"
 
 
 def test_non_finite_regularizer_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from ..arch_cache import ArchCache, load_embedding_matrix
+from ..distributed import all_gather_object
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,12 @@ class ArchTranslationTask(TranslationTask):
                 seed=self.cfg.seed,
                 sides=getattr(self, "arch_sides", ("source", "target")),
             )
+        # every rank is here (begin_epoch is collective anyway: the cache's barrier)
+        dummies = all_gather_object(getattr(self, "dummy_batches", 0))
+        self.dummy_batches = 0
+        if any(dummies):
+            logger.info(f"ARCH: dummy batches per rank in the last epoch: {dummies} "
+                        "(they never read or write the cache)")
         self.arch_cache.begin_epoch(epoch, model)
         # logged inside fairseq's "train" aggregation: shows up in the epoch summary
         metrics.log_scalar("arch_nn_search_s", self.arch_cache.last_search_seconds, priority=900, round=3)
@@ -179,6 +186,10 @@ class ArchTranslationTask(TranslationTask):
         # never touch the cache. The criterion still runs both forwards so that
         # every rank's autograd graph has the same shape.
         criterion.dummy_batch = bool(ignore_grad)
+        if ignore_grad:
+            # fairseq drops a dummy batch's logging outputs (and only rank 0 logs INFO):
+            # counted here, reported by rank 0 at the next epoch start
+            self.dummy_batches = getattr(self, "dummy_batches", 0) + 1
         try:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         finally:
