@@ -36,25 +36,85 @@ def run_epoch(task, model, criterion, epoch, batches):
     return logs
 
 
-def test_lambda_zero_is_exactly_label_smoothing(data_dir, tmp_path):
+class _UnshortcutZero(float):
+    """An exact 0.0 that the criterion's ``adv_lambda == 0`` shortcut does not see, so
+    the regularised path (ascent, cache, perturbed forward, KL) runs with its KL
+    multiplied by an exact zero."""
+
+    def __eq__(self, other):
+        return False
+
+    __hash__ = float.__hash__
+
+
+@pytest.mark.parametrize("through", ["shortcut", "regularised path"])
+def test_lambda_zero_is_exactly_label_smoothing(data_dir, tmp_path, through):
     from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 
     _, task, model, crit = utils.build_components(data_dir, ["--adv-lambda", "0"], save_dir=str(tmp_path))
+    if through != "shortcut":
+        crit.adv_lambda = _UnshortcutZero(0.0)
     ls = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)
     task.begin_epoch(1, model)
     model.train()
     batch = utils.batches(task)[0]
-    loss_a, ss_a, _ = crit(model, batch)
+    loss_a, ss_a, log = crit(model, batch)
+    if through != "shortcut":
+        assert log["arch_fresh"] + log["arch_cached"] > 0 and log["adv_loss"] > 0, f"no regularised path: {log}"
     loss_a.backward()
     grads_a = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     loss_b, ss_b, _ = ls(model, batch)
     loss_b.backward()
-    assert ss_a == ss_b and torch.equal(loss_a, loss_b)
-    assert all(torch.equal(a, p.grad) for a, p in zip(grads_a, model.parameters()))
+    assert ss_a == ss_b and torch.equal(loss_a, loss_b), (loss_a, loss_b)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads_a, model.parameters())), "lambda = 0 changed a gradient"
 
 
-def test_total_loss_is_ls_plus_lambda_times_kl(data_dir, tmp_path):
+# -- an independent reference: hooks of our own, fairseq's LS, KL by hand --------------
+
+
+def _record_deltas(crit, monkeypatch):
+    """Every delta the criterion feeds a perturbed forward, in order (the last one is
+    the delta its regulariser used)."""
+    seen = []
+    real = crit._perturbed_forward
+
+    def record(model, net_input, delta):
+        seen.append({k: v.detach().clone() for k, v in delta.items()})
+        return real(model, net_input, delta)
+
+    monkeypatch.setattr(crit, "_perturbed_forward", record)
+    return seen
+
+
+def _reference_lprobs(model, net_input, delta=None):
+    """Log-probs of the model with ``delta`` added to the embedding lookups, by forward
+    hooks of the test's own (not fairseq_arch.injection)."""
+    core = unwrap_model(model)
+    enc, dec = core.encoder.embed_tokens, core.decoder.embed_tokens
+    assert enc is not dec, "the reference assumes separate source/target embeddings"
+    handles = []
+    for module, side in ((enc, "source"), (dec, "target")):
+        if delta and side in delta:
+            d = delta[side]
+            handles.append(module.register_forward_hook(lambda m, i, o, d=d: o + d))
+    try:
+        out = model(**net_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return model.get_normalized_probs(out, log_probs=True).float()
+
+
+def _reference_kl(p_log, q_log, tgt_mask, kind="forward"):
+    """sum over real target tokens of KL(p || q); symmetric: (KL(p||q) + KL(q||p)) / 2."""
+    fwd = (p_log.exp() * (p_log - q_log)).sum(-1)[tgt_mask].sum()
+    if kind == "forward":
+        return fwd
+    return 0.5 * (fwd + (q_log.exp() * (q_log - p_log)).sum(-1)[tgt_mask].sum())
+
+
+def test_total_loss_is_ls_plus_lambda_times_kl(data_dir, tmp_path, monkeypatch):
     from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 
     _, task, model, crit = utils.build_components(data_dir, ["--adv-lambda", "2.5"], save_dir=str(tmp_path))
@@ -62,11 +122,96 @@ def test_total_loss_is_ls_plus_lambda_times_kl(data_dir, tmp_path):
     task.begin_epoch(1, model)
     model.train()
     batch = utils.batches(task)[0]
+    deltas = _record_deltas(crit, monkeypatch)
     loss, _, log = crit(model, batch)
     ls_loss, _, _ = ls(model, batch)
-    assert log["adv_loss"] > 0
+    # the KL of the clean and perturbed predictions, recomputed outside the criterion
+    # from the delta it used last (its regulariser's forward)
+    with torch.no_grad():
+        p = _reference_lprobs(model, batch["net_input"])
+        q = _reference_lprobs(model, batch["net_input"], deltas[-1])
+        kl = _reference_kl(p, q, batch["target"].ne(1))
+    assert kl > 0
+    assert torch.allclose(log["adv_loss"], kl, rtol=1e-4), (log["adv_loss"], kl)
     assert torch.allclose(log["ls_loss"], ls_loss)
-    assert torch.allclose(loss, ls_loss + 2.5 * log["adv_loss"], rtol=1e-6)
+    assert torch.allclose(loss, ls_loss + 2.5 * kl, rtol=1e-5), (loss, ls_loss + 2.5 * kl)
+
+
+def _flat_grads(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("method", ["smart", "arch", "r3f"])
+def test_gradient_is_ls_plus_lambda_kl_with_a_fixed_delta_and_detached_teacher(data_dir, tmp_path, monkeypatch, method):
+    """d/dtheta [LS(x) + lambda KL(stopgrad p(x) || q(x + delta*))] with delta* the
+    perturbation the criterion ended with: no gradient through the teacher nor
+    through the ascent that found delta*."""
+    from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+
+    lam = 2.5
+    _, task, model, crit = utils.build_components(
+        data_dir, ["--adv-method", method, "--adv-lambda", str(lam)], save_dir=str(tmp_path))
+    task.begin_epoch(1, model)  # arch: a refresh epoch
+    model.train()
+    batch = utils.batches(task)[0]
+    deltas = _record_deltas(crit, monkeypatch)
+    loss, _, _ = crit(model, batch)
+    loss.backward()
+    got = _flat_grads(model)
+
+    delta = deltas[-1]
+    assert set(delta) == {"source", "target"} and all(d.abs().sum() > 0 for d in delta.values())
+    ls = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)
+    tgt_mask = batch["target"].ne(1)
+
+    def reference(with_ls):
+        model.zero_grad()
+        p = _reference_lprobs(model, batch["net_input"])
+        q = _reference_lprobs(model, batch["net_input"], delta)
+        total = lam * _reference_kl(p.detach(), q, tgt_mask, crit.adv_kl)
+        if with_ls:
+            total = total + ls.compute_loss(model, model(**batch["net_input"]), batch)[0]
+        total.backward()
+        return _flat_grads(model)
+
+    want = reference(with_ls=True)
+    kl_part = reference(with_ls=False)
+    assert kl_part.norm() > 0
+    # the KL part of the gradient must be right to 0.1% (not lost in the LS part)
+    err = (got - want).norm()
+    assert err <= 1e-3 * kl_part.norm(), f"gradient off by {err:.3g}, KL part {kl_part.norm():.3g}"
+
+
+def test_arch_refresh_with_full_float32_cache_equals_smart(data_dir, tmp_path, monkeypatch):
+    """p = 1 and a float32 cache on the first refresh: ARCH trains on the fresh SMART
+    perturbation (same seeded init, same ascent, same loss and grads). Only ARCH's
+    re-projection of the stored row may move a vector lying on the ball's surface by
+    float rounding (~1e-8 here), hence allclose and not equal on delta and gradients."""
+    def setup(method, extra):
+        _, task, model, crit = utils.build_components(
+            data_dir, ["--adv-method", method, *extra], save_dir=str(tmp_path / method))
+        task.begin_epoch(1, model)
+        model.train()
+        return task, model, crit, _record_deltas(crit, monkeypatch)
+
+    task_a, model_a, arch, deltas_a = setup("arch", ["--arch-cache-fraction", "1", "--arch-cache-dtype", "float32"])
+    _, model_s, smart, deltas_s = setup("smart", [])
+    # smart seeds its init by a batch counter where arch uses the epoch: align them
+    monkeypatch.setattr(smart, "_noise_key", lambda: 1)
+    for b in utils.batches(task_a)[:2]:
+        results = []
+        for model, crit in ((model_a, arch), (model_s, smart)):
+            model.zero_grad()
+            loss, _, log = crit(model, b)
+            loss.backward()
+            results.append((loss, log, [p.grad.clone() for p in model.parameters()]))
+        (la, log_a, ga), (ls_, _, gs) = results
+        assert log_a["arch_fresh"] == len(b["id"]), log_a
+        for side in ("source", "target"):
+            assert torch.allclose(deltas_a[-1][side], deltas_s[-1][side], rtol=0, atol=1e-7), side
+        assert torch.allclose(la, ls_, rtol=1e-6, atol=0), (la, ls_)
+        for (name, _), x, y in zip(model_a.named_parameters(), ga, gs):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-5), f"{name}: arch refresh gradient != smart gradient"
 
 
 def test_reduced_loss_is_sum_over_examples(data_dir, tmp_path):
