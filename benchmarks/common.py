@@ -27,6 +27,17 @@ SMALL_MODEL = [
 ]
 
 
+def progress():
+    """scripts/progress.py: per-epoch lines of a running fairseq-train, progress of loops, and
+    console_cmd (console scripts of this environment, not PATH's)."""
+    scripts = os.path.join(REPO, "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import progress as mod
+
+    return mod
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} threads"
@@ -53,10 +64,10 @@ def multi30k_bin(work: str, n_train: int, n_eval: int = 1000, threshold: int = 1
                 lines = [l for _, l in zip(range(n), f)]
             with open(os.path.join(raw, f"{split}.{lang}"), "w") as f:
                 f.writelines(lines)
-    subprocess.run(
+    subprocess.run(progress().console_cmd(
         ["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--trainpref", f"{raw}/train",
          "--validpref", f"{raw}/valid", "--testpref", f"{raw}/test", "--destdir", os.path.join(out, "bin"),
-         "--joined-dictionary", "--thresholdsrc", str(threshold), "--thresholdtgt", str(threshold), "--workers", "2"],
+         "--joined-dictionary", "--thresholdsrc", str(threshold), "--thresholdtgt", str(threshold), "--workers", "2"]),
         check=True, capture_output=True)
     return os.path.join(out, "bin")
 

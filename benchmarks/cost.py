@@ -174,7 +174,7 @@ def peak_rss(work: str, sentences: int) -> dict:
                "--save-dir", os.path.join(work, f"rss-{method}"), "--no-progress-bar", "--num-workers", "0"]
         wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True); "
                    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        res = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
+        res = subprocess.run([sys.executable, "-c", wrapper, *_progress().console_cmd(cmd)], capture_output=True, text=True,
                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
         rc, kb = res.stdout.split()
         assert rc == "0", f"fairseq-train --adv-method {method} failed"

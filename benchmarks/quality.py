@@ -17,13 +17,7 @@ from . import common
 
 
 def _progress():
-    """scripts/progress.py: per-epoch lines of a running fairseq-train, progress of loops."""
-    scripts = os.path.join(common.REPO, "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    import progress
-
-    return progress
+    return common.progress()
 
 MODEL = [
     "--arch", "transformer", "--share-all-embeddings",
@@ -88,10 +82,10 @@ def run_one(data_bin: str, work: str, method: str, seed: int, epochs: int, tc: i
     rc = _progress().run(train, log, env=env, what=f"fairseq-train ({method}, seed {seed})")
     if rc != 0:
         raise subprocess.CalledProcessError(rc, train)
-    gen = subprocess.run(
+    gen = subprocess.run(_progress().console_cmd(
         ["fairseq-generate", data_bin, "--user-dir", common.USER_DIR, "--task", "arch_translation",
          "--path", os.path.join(save, "checkpoint_best.pt"), "--gen-subset", "test", "--beam", "5",
-         "--batch-size", "128", "--required-batch-size-multiple", "1", "--cpu"],
+         "--batch-size", "128", "--required-batch-size-multiple", "1", "--cpu"]),
         capture_output=True, text=True, env=env, check=True)
     hyps = {}
     for line in gen.stdout.splitlines():

@@ -445,6 +445,18 @@ def _queue_lines(q: "queue.Queue", tick: float):
         yield item
 
 
+def console_cmd(cmd: List[str]) -> List[str]:
+    """`cmd` with a bare console-script name (fairseq-train, ...) replaced by the one installed next
+    to the running Python, when there is one: the environment that runs this script, not whatever
+    PATH finds first (another environment's fairseq would run without this one's packages)."""
+    cmd = list(cmd)
+    if cmd and os.sep not in cmd[0]:
+        mine = os.path.join(os.path.dirname(sys.executable), cmd[0])
+        if os.path.exists(mine):
+            cmd[0] = mine
+    return cmd
+
+
 def run(cmd: List[str], log_path: str, out=sys.stdout, bar: Optional[bool] = None, tail: int = 30,
         env: Optional[dict] = None, append: bool = False, what: Optional[str] = None) -> int:
     """Run `cmd` with its stdout + stderr written line by line to `log_path`, print the epoch lines
@@ -453,7 +465,7 @@ def run(cmd: List[str], log_path: str, out=sys.stdout, bar: Optional[bool] = Non
     bar = out.isatty() if bar is None else bar
     q: "queue.Queue" = queue.Queue()
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(console_cmd(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 text=True, errors="replace", bufsize=1)
     except OSError as e:  # not found / not executable: what a shell says, with its status
         out.write(f"{what or cmd[0]}: cannot run {cmd[0]}: {e.strerror}\n")

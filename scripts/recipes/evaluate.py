@@ -78,8 +78,11 @@ def main(argv=None):
     log = os.path.join(out, "generate.log")
     print(f"evaluate: {a.dataset} {direction} {a.subset}, beam {beam}, lenpen {lenpen} (Table 7), {path}", flush=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from progress import console_cmd
+
     with open(log, "w") as f:
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        res = subprocess.run(console_cmd(cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
     text = open(log, encoding="utf-8").read()
     if res.returncode != 0:
         print(text[-3000:], file=sys.stderr)

@@ -157,7 +157,11 @@ def main(argv=None):
         print(f"train: fairseq-train's output -> {log}", flush=True)
         return progress.run(cmd, log, append=True, what="fairseq-train")
     sys.stdout.flush()
-    os.execvp(cmd[0], cmd)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from progress import console_cmd
+
+    cmd = console_cmd(cmd)
+    os.execv(cmd[0], cmd) if os.sep in cmd[0] else os.execvp(cmd[0], cmd)
 
 
 if __name__ == "__main__":
