@@ -2,15 +2,26 @@
 EMA writes (Eq. 2), neighbour rebuilds (Eq. 3) and the end-of-refresh neighbour
 search (Eq. 4). Files are in :mod:`cache_store`, the math in :mod:`cache_math`.
 
-Timeline. Epoch e is a *refresh* epoch when ``is_refresh_epoch(e, Tc)``:
+Timeline. Epochs before E (``--arch-first-refresh-epoch``) are *off*: plain label
+smoothing, no cache. Epoch e is a *refresh* epoch when ``is_refresh_epoch(e, Tc, E)``
+(E, E + Tc, E + 2 Tc, ...):
   - begin_epoch(e): a new generation ``gen-e<e>`` is created as a copy of the
     current one; batches write EMA-updated rows of their cached sentences into it,
     reading the previous values from the current (immutable) generation.
   - begin_epoch(e + 1): the new generation is finalised (row means, neighbours from
     the model's embeddings at that time, COMPLETE marker) and becomes current.
 Other epochs only read the current generation: cached sentences read their rows,
-the others get the mean of their K neighbours' row means on every token.
+the others get the mean of their K neighbours' row means on every token, rescaled
+to a target size with ``--arch-rebuild-norm neighbor|eps``. With
+``--arch-neighbor-search epoch`` every reuse epoch after the first of a generation
+searches the neighbours again at its start (the generation's rows and means stay);
+that table lives in ``<cache dir>/neighbors/e<epoch>`` (not in the immutable
+generation), so a run resumed mid-epoch uses the table of the epoch's start.
 """
+
+import json
+import os
+import shutil
 
 import logging
 import time
@@ -20,7 +31,8 @@ import numpy as np
 import torch
 
 from . import cache_math
-from .cache_store import CacheMismatchError, PerturbationCacheStore, fault_point
+from .cache_store import (CacheMismatchError, PerturbationCacheStore, _atomic_write_json, fault_point,
+                          file_crc32)
 from .distributed import all_gather_object, barrier, dist_info, on_rank0
 from .neighbors import CosineIndex, choose_backend
 from .perturbation import gather_rows, scatter_rows
@@ -78,6 +90,10 @@ class ArchCache:
         dtype: str,
         seed: int,
         sides: Sequence[str] = ("source", "target"),
+        first_refresh_epoch: int = 1,
+        rebuild_norm: str = "paper",
+        neighbor_search: str = "refresh",
+        ball: Tuple[float, str, str] = (0.1, "l2", "sentence"),
     ):
         self.cache_dir = cache_dir
         self.dataset = dataset
@@ -91,6 +107,16 @@ class ArchCache:
         self.dtype = str(dtype)
         self.seed = seed
         self.sides = list(sides)
+        self.first_refresh_epoch = int(first_refresh_epoch)
+        assert rebuild_norm in cache_math.REBUILD_NORMS, rebuild_norm
+        self.rebuild_norm = str(rebuild_norm)
+        assert neighbor_search in ("refresh", "epoch"), neighbor_search
+        self.neighbor_search = str(neighbor_search)
+        # the criterion's ball (--adv-eps, --adv-norm, --adv-granularity): the measure
+        # in which rebuilt sentences are rescaled and cached sentences' sizes stored
+        self.ball_eps, self.ball_norm, self.ball_granularity = float(ball[0]), str(ball[1]), str(ball[2])
+        self.last_nbr_changed: Optional[Tuple[int, int]] = None  # (changed, uncached) of the last epoch search
+        self.norms: Optional[Dict[str, np.ndarray]] = None  # side -> cached sentence sizes (rebuild norm neighbor)
         self.store: Optional[PerturbationCacheStore] = None
         self.epoch: Optional[int] = None
         self.mode: Optional[str] = None
@@ -128,11 +154,16 @@ class ArchCache:
             + ", ".join(f"{s} {self.store.expected_bytes(s) / 2**20:.1f} MiB" for s in self.store.sides)
         )
 
-    def _advance(self, epoch: int, model) -> dict:
+    def _mode(self, epoch: int) -> str:
+        return cache_math.epoch_mode(epoch, self.refresh_interval, self.first_refresh_epoch)
+
+    def _advance(self, epoch: int, model) -> Tuple[dict, Optional[dict]]:
         """Rank 0: finalise a finished refresh, check the cache belongs to this epoch,
-        start the generation of a refresh epoch. Returns the new state."""
+        start the generation of a refresh epoch, search the neighbours of a reuse epoch
+        (``--arch-neighbor-search epoch``). Returns (the new state, the epoch search's info)."""
         store = self.store
-        refresh = cache_math.is_refresh_epoch(epoch, self.refresh_interval)
+        mode = self._mode(epoch)
+        refresh = mode == "refresh"
         state = store.read_state()
         ip = state.get("in_progress")
         if ip is not None and ip["epoch"] < epoch:
@@ -146,14 +177,23 @@ class ArchCache:
         # checkpoint must not cost the cache of the right one its unfinished generation
         ahead = ("the cache is ahead of the checkpoint (resumed from an older checkpoint?): resume "
                  "from this run's newest checkpoint_last.pt, or start a new cache dir")
-        if refresh:
+        if mode == "off":
+            # before --arch-first-refresh-epoch nothing is cached yet: a complete
+            # generation can only come from a later point of training
+            if cur is not None:
+                raise CacheMismatchError(
+                    f"epoch {epoch} comes before the first refresh epoch {self.first_refresh_epoch} "
+                    f"(--arch-first-refresh-epoch), but {self.cache_dir} already holds the perturbations "
+                    f"refreshed in epoch {cur['epoch']}: {ahead}"
+                )
+        elif refresh:
             if cur is not None and cur["epoch"] >= epoch:
                 raise CacheMismatchError(
                     f"{self.cache_dir} already holds the perturbations refreshed in epoch "
                     f"{cur['epoch']}, but training is at epoch {epoch}: {ahead}"
                 )
         else:
-            want = cache_math.last_refresh_epoch(epoch, self.refresh_interval)
+            want = cache_math.last_refresh_epoch(epoch, self.refresh_interval, self.first_refresh_epoch)
             if cur is None or cur["epoch"] != want:
                 raise CacheMismatchError(
                     f"epoch {epoch} reuses the perturbations of epoch {want}, but "
@@ -176,7 +216,141 @@ class ArchCache:
                 store.create_generation(name, cur["name"] if cur else None)
                 state["in_progress"] = {"name": name, "epoch": epoch, "base": cur["name"] if cur else None}
                 store.write_state(state)
-        return state
+        info = None
+        if mode == "reuse" and self._searches_in(epoch, cur):
+            info = self._epoch_neighbors(epoch, cur, model)
+        # per-epoch neighbour tables of other epochs: older ones are no longer read,
+        # later ones come from an abandoned run (and are recomputed when training
+        # gets there)
+        self._remove_epoch_tables(keep=epoch if info is not None else None)
+        return state, info
+
+    # -- --arch-neighbor-search epoch ------------------------------------------------
+
+    def _searches_in(self, epoch: int, cur: Optional[dict]) -> bool:
+        """Whether reuse epoch ``epoch`` has its own neighbour table: with
+        ``--arch-neighbor-search epoch``, every reuse epoch but the first after a refresh
+        (whose generation's table was searched at that very epoch start, with the same
+        parameters), unless the embeddings are a fixed file (the table cannot change)."""
+        return (self.neighbor_search == "epoch" and cur is not None and epoch > cur["epoch"] + 1
+                and self.fixed_embeddings is None)
+
+    def _epoch_dir(self, epoch: int) -> str:
+        return os.path.join(self.cache_dir, "neighbors", f"e{epoch:04d}")
+
+    def _load_epoch_table(self, epoch: int, gen: str) -> Optional[dict]:
+        """The table of ``epoch`` written earlier (this epoch's start, before a crash or a
+        mid-epoch checkpoint), if it is complete, of generation ``gen`` and undamaged."""
+        d = self._epoch_dir(epoch)
+        try:
+            with open(os.path.join(d, "INFO.json")) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if info.get("generation") != gen or info.get("epoch") != epoch or info.get("k") != self.num_neighbors:
+            return None
+        for fname, want in info.get("crc32", {}).items():
+            path = os.path.join(d, fname)
+            if not os.path.exists(path) or file_crc32(path) != want:
+                logger.warning(f"ARCH cache: {path} is damaged; searching the neighbours of epoch {epoch} again")
+                return None
+        return info
+
+    def _previous_table(self, epoch: int, cur: dict, side: str) -> Optional[np.ndarray]:
+        """The table epoch ``epoch - 1`` read (for the count of changed neighbours)."""
+        if epoch - 1 == cur["epoch"] + 1 or self.fixed_embeddings is not None:
+            return np.asarray(self.store.load_array(cur["name"], f"{side}_nbr.npy"))
+        prev = self._epoch_dir(epoch - 1)
+        if self._load_epoch_table(epoch - 1, cur["name"]) is None:
+            return None  # not kept (resumed from an older checkpoint): no comparison
+        return np.load(os.path.join(prev, f"{side}_nbr.npy"))
+
+    def _epoch_neighbors(self, epoch: int, cur: dict, model) -> dict:
+        """Rank 0: search this reuse epoch's neighbours from the embeddings at the epoch
+        start and write them to ``neighbors/e<epoch>`` (atomically: a complete
+        directory with checksums), or reuse the table already there. A run resumed
+        from a mid-epoch checkpoint has the parameters of that checkpoint, not those of
+        the epoch start: searching again would give another table than the
+        uninterrupted run's, so the stored one is used."""
+        info = self._load_epoch_table(epoch, cur["name"])
+        if info is not None:
+            logger.info(f"ARCH cache: neighbours of epoch {epoch} from {self._epoch_dir(epoch)} (searched at the "
+                        "epoch start)")
+            return info
+        store = self.store
+        t0 = time.perf_counter()
+        tables, changed = {}, {}
+        # the neighbours come from the cached rows the refresh wrote, as at finalisation
+        with torch.no_grad():
+            for side in store.sides:
+                db = None
+                if os.path.exists(os.path.join(store.gen_dir(cur["name"]), f"{side}_nbr_db.npy")):
+                    db = np.asarray(store.load_array(cur["name"], f"{side}_nbr_db.npy"))
+                tables[side] = self.compute_neighbors(side, model, epoch, db)
+                prev = self._previous_table(epoch, cur, side)
+                changed[side] = None if prev is None else cache_math.neighbor_changes(prev, tables[side])
+        search_s = time.perf_counter() - t0
+        d = self._epoch_dir(epoch)
+        tmp = d + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for side, t in tables.items():
+            np.save(os.path.join(tmp, f"{side}_nbr.npy"), t)
+        uncached = int((store.pos_of < 0).sum())
+        info = {"generation": cur["name"], "epoch": epoch, "k": self.num_neighbors, "search_seconds": search_s,
+                "backend": self.last_search_backend, "changed": changed, "uncached": uncached,
+                "crc32": {f"{side}_nbr.npy": file_crc32(os.path.join(tmp, f"{side}_nbr.npy")) for side in tables}}
+        _atomic_write_json(os.path.join(tmp, "INFO.json"), info)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+        return info
+
+    def _remove_epoch_tables(self, keep: Optional[int]) -> None:
+        root = os.path.join(self.cache_dir, "neighbors")
+        if not os.path.isdir(root):
+            return
+        for entry in os.listdir(root):
+            if keep is None or entry != f"e{keep:04d}":
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+    def _log_epoch_search(self, epoch: int, info: dict) -> None:
+        self.last_search_seconds = float(info["search_seconds"])
+        parts, tot_changed, tot = [], 0, 0
+        for side, c in info["changed"].items():
+            if c is None:
+                parts.append(f"{side} not compared (previous table not kept)")
+                continue
+            n = max(int(info["uncached"]), 1)
+            parts.append(f"{side} {c} of {info['uncached']} ({c / n:.1%})")
+            tot_changed, tot = tot_changed + c, tot + int(info["uncached"])
+        self.last_nbr_changed = (tot_changed, tot) if tot else None
+        logger.info(f"ARCH epoch {epoch}: neighbours searched again at the epoch start in "
+                    f"{info['search_seconds']:.2f}s ({info.get('backend', '')}); changed vs the previous epoch: "
+                    + ", ".join(parts))
+
+    # -- rebuild sizes -----------------------------------------------------------------
+
+    def _norm_measure(self) -> str:
+        return f"{self.ball_norm}/{self.ball_granularity}"
+
+    def _load_norms(self, name: str) -> Dict[str, np.ndarray]:
+        """Each cached sentence's size in the ball's measure (``--arch-rebuild-norm
+        neighbor``): stored at finalisation; recomputed in memory (one pass over the
+        rows) for a generation that has none or was sized in another measure (another
+        --adv-norm / --adv-granularity than the run that wrote it)."""
+        store = self.store
+        out = {}
+        measure = store.generation_info(name).get("norm_measure")
+        for side in store.sides:
+            path = os.path.join(store.gen_dir(name), f"{side}_norm.npy")
+            if measure == self._norm_measure() and os.path.exists(path):
+                out[side] = store.load_array(name, f"{side}_norm.npy")
+            else:
+                logger.info(f"ARCH cache: {name} has no {side} sentence sizes in the measure "
+                            f"{self._norm_measure()} (stored: {measure}); computing them")
+                out[side] = cache_math.row_norms(store.token_file(name, side), store.offsets[side],
+                                                 self.ball_norm, self.ball_granularity)
+        return out
 
     def begin_epoch(self, epoch: int, model) -> None:
         if self.store is None:
@@ -185,20 +359,31 @@ class ArchCache:
         # every rank's rows of the last epoch must be on disk before rank 0 reads them
         store.close_maps()
         barrier()
-        state = on_rank0(lambda: self._advance(epoch, model))
-        refresh = cache_math.is_refresh_epoch(epoch, self.refresh_interval)
+        state, info = on_rank0(lambda: self._advance(epoch, model))
+        mode = self._mode(epoch)
         self.epoch = epoch
-        self.mode = "refresh" if refresh else "reuse"
-        if refresh:
+        self.mode = mode
+        self.last_nbr_changed = None
+        if mode == "refresh":
             self.write_gen = state["in_progress"]["name"]
             self.base_gen = state["in_progress"]["base"]
-        else:
+        elif mode == "reuse":
             self.read_gen = state["current"]["name"]
             assert store.is_complete(self.read_gen), f"generation {self.read_gen} is not complete"
             self.means = {s: store.load_array(self.read_gen, f"{s}_mean.npy") for s in store.sides}
-            self.nbrs = {s: store.load_array(self.read_gen, f"{s}_nbr.npy") for s in store.sides}
+            self.norms = self._load_norms(self.read_gen) if self.rebuild_norm == "neighbor" else None
+            if info is not None:
+                # every rank reads the table rank 0 searched (one result, whatever each
+                # rank's search backend would have given)
+                self.nbrs = {s: np.load(os.path.join(self._epoch_dir(epoch), f"{s}_nbr.npy"), mmap_mode="r")
+                             for s in store.sides}
+                self._log_epoch_search(epoch, info)
+            else:
+                self.nbrs = {s: store.load_array(self.read_gen, f"{s}_nbr.npy") for s in store.sides}
         self.state = state
-        logger.info(f"ARCH epoch {epoch}: {self.mode} ({'fresh ascent' if refresh else 'cache only'})")
+        what = {"refresh": "fresh ascent", "reuse": "cache only",
+                "off": f"plain label smoothing until --arch-first-refresh-epoch {self.first_refresh_epoch}"}
+        logger.info(f"ARCH epoch {epoch}: {mode} ({what[mode]})")
 
     def flush(self) -> None:
         """Make this rank's cache writes durable (called when a checkpoint is saved)."""
@@ -305,7 +490,13 @@ class ArchCache:
         k = min(self.num_neighbors, len(have))
         nbr = self._nearest_cached(side, model, epoch, store.cached_ids[missing], have, k, salt=1)  # n x k
         means = cache_math.row_means(store.token_file(name, side), store.offsets[side])  # M x C
-        rows = cache_math.rebuild_from_neighbors(torch.from_numpy(means[nbr]), store.lengths[side][missing])
+        # sized as uncached sentences are at read time (--arch-rebuild-norm)
+        norms = None
+        if self.rebuild_norm == "neighbor":
+            norms = cache_math.row_norms(store.token_file(name, side), store.offsets[side],
+                                         self.ball_norm, self.ball_granularity)[nbr]
+        rows = self._rebuild(torch.from_numpy(means[nbr]), store.lengths[side][missing],
+                             None if norms is None else torch.from_numpy(norms))
         store.write_rows(name, side, missing, [r.numpy() for r in rows], mark_written=False)
         store.flush(name)
         return len(missing), have
@@ -332,6 +523,16 @@ class ArchCache:
                 search_s += time.perf_counter() - t1
                 store.save_array_checked(name, f"{side}_mean.npy",
                                          cache_math.row_means(store.token_file(name, side), store.offsets[side]))
+                # each cached sentence's size in the ball's measure: what
+                # --arch-rebuild-norm neighbor gives its uncached neighbours (stored so that
+                # reads stay one lookup; checksummed with the other files)
+                store.save_array_checked(name, f"{side}_norm.npy",
+                                         cache_math.row_norms(store.token_file(name, side), store.offsets[side],
+                                                              self.ball_norm, self.ball_granularity))
+                if written is not None:
+                    # the positions neighbours may come from, for the searches of
+                    # --arch-neighbor-search epoch in later epochs
+                    store.save_array_checked(name, f"{side}_nbr_db.npy", np.asarray(written, dtype=np.int64))
                 t1 = time.perf_counter()
                 # uncached sentences take their neighbours among the written rows only:
                 # a filled row is itself a neighbour estimate
@@ -342,7 +543,8 @@ class ArchCache:
         self.last_search_seconds = search_s
         self.last_filled = filled
         store.mark_complete(name, {"epoch": ip["epoch"], "search_seconds": search_s,
-                                   "backend": self.last_search_backend, "filled": filled})
+                                   "backend": self.last_search_backend, "filled": filled,
+                                   "norm_measure": self._norm_measure()})
         store.remove_written_flags(name)
         state = store.read_state()
         state["current"] = {"name": name, "epoch": ip["epoch"]}
@@ -355,6 +557,20 @@ class ArchCache:
         )
 
     # -- batch level ---------------------------------------------------------------
+
+    def _rebuild(self, neighbor_means: torch.Tensor, lengths, neighbor_norms: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """Eq. 3 for a batch of uncached sentences, sized by --arch-rebuild-norm:
+        ``paper`` as published (the word average of rows that point different ways
+        cancels part of their length, so rebuilt sentences end inside the ball and, the
+        KL growing like the squared size, regularise less than cached ones); ``neighbor``: the mean size of the
+        K neighbours' cached sentences; ``eps``: the ball's radius. Sizes are in the
+        criterion's measure (--adv-norm, --adv-granularity); the caller projects."""
+        if self.rebuild_norm == "paper":
+            return cache_math.rebuild_from_neighbors(neighbor_means, lengths)
+        if neighbor_norms is None:  # eps mode needs no stored sizes, only the batch size
+            neighbor_norms = torch.zeros(neighbor_means.size(0), neighbor_means.size(1), device=neighbor_means.device)
+        target = cache_math.rebuild_targets(self.rebuild_norm, neighbor_norms, self.ball_eps)
+        return cache_math.rebuild_from_neighbors(neighbor_means, lengths, target, self.ball_norm, self.ball_granularity)
 
     def _positions(self, sample_ids: Sequence[int]) -> np.ndarray:
         return self.store.pos_of[np.asarray(sample_ids, dtype=np.int64)]
@@ -375,7 +591,11 @@ class ArchCache:
             nbr = np.asarray(self.nbrs[side][ids[other_b]], dtype=np.int64)  # n x K
             means = np.asarray(self.means[side][nbr.reshape(-1)], dtype=np.float32)
             means = torch.from_numpy(means).view(len(other_b), nbr.shape[1], -1).to(mask.device)
-            rebuilt = cache_math.rebuild_from_neighbors(means, [lengths[b] for b in other_b])
+            norms = None
+            if self.norms is not None:
+                norms = np.asarray(self.norms[side][nbr.reshape(-1)], dtype=np.float32)
+                norms = torch.from_numpy(norms).view(len(other_b), nbr.shape[1]).to(mask.device)
+            rebuilt = self._rebuild(means, [lengths[b] for b in other_b], norms)
             for b, r in zip(other_b, rebuilt):
                 rows[b] = r
         delta = project(scatter_rows(rows, mask), mask)

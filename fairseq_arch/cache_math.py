@@ -1,10 +1,14 @@
 """Pure functions of ARCH's cache (paper Alg. 1-3, Eq. 2-4); no fairseq, no files.
 
-- :func:`is_refresh_epoch`: the Tc schedule.
+- :func:`is_refresh_epoch`, :func:`last_refresh_epoch`, :func:`epoch_mode`: the Tc schedule
+  (starting at the first refresh epoch E; plain label smoothing before it).
 - :func:`ema_update`: Eq. 2, ``C <- alpha * C + (1 - alpha) * fresh``.
 - :func:`row_means`: the word-averaged perturbation of each cached sentence.
-- :func:`rebuild_from_neighbors`: Eq. 3, an uncached sentence's perturbation.
+- :func:`row_norms`: the size of each cached sentence's perturbation, in the ball's measure.
+- :func:`rebuild_from_neighbors`: Eq. 3, an uncached sentence's perturbation, optionally
+  rescaled to a target size (:func:`rebuilt_norms`, :func:`rebuild_targets`).
 - :func:`sentence_vectors`: Eq. 4, mean word embedding of each sentence.
+- :func:`neighbor_changes`: how many rows of a neighbour table changed.
 """
 
 from typing import Iterable, Optional, Sequence
@@ -12,26 +16,47 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+REBUILD_NORMS = ("paper", "neighbor", "eps")
 
-def is_refresh_epoch(epoch: int, interval: int) -> bool:
+# Smallest size we divide by: a zero mean row stays zero instead of becoming NaN
+_TINY = 1e-12
+
+
+def is_refresh_epoch(epoch: int, interval: int, first: int = 1) -> bool:
     """True on the epochs that compute fresh perturbations (1-based epochs).
 
-    Epoch 1 is always a refresh (the paper's t = 0); then 1 + Tc, 1 + 2 Tc, ...
-    ``interval == 0`` means "compute once, never refresh" (the paper's Tc = inf).
+    Epoch ``first`` (E, default 1: the paper's t = 0) is always a refresh; then
+    E + Tc, E + 2 Tc, ...; ``interval == 0`` means "compute once, never refresh"
+    (the paper's Tc = inf). Epochs before E are not ARCH epochs at all.
     """
     assert epoch >= 1, f"fairseq epochs start at 1, got {epoch}"
     assert interval >= 0, f"refresh interval must be >= 0, got {interval}"
+    assert first >= 1, f"the first refresh epoch must be >= 1, got {first}"
+    if epoch < first:
+        return False
     if interval == 0:
-        return epoch == 1
-    return (epoch - 1) % interval == 0
+        return epoch == first
+    return (epoch - first) % interval == 0
 
 
-def last_refresh_epoch(epoch: int, interval: int) -> int:
-    """The refresh epoch whose perturbations epoch ``epoch`` reads (itself on refresh epochs)."""
-    assert epoch >= 1 and interval >= 0
+def last_refresh_epoch(epoch: int, interval: int, first: int = 1) -> Optional[int]:
+    """The refresh epoch whose perturbations epoch ``epoch`` reads (itself on refresh
+    epochs); None before the first refresh epoch (nothing to read)."""
+    assert epoch >= 1 and interval >= 0 and first >= 1
+    if epoch < first:
+        return None
     if interval == 0:
-        return 1
-    return 1 + ((epoch - 1) // interval) * interval
+        return first
+    return first + ((epoch - first) // interval) * interval
+
+
+def epoch_mode(epoch: int, interval: int, first: int = 1) -> str:
+    """What the criterion does in ``epoch``: ``"off"`` (before the first refresh epoch:
+    plain label-smoothed CE), ``"refresh"`` (fresh ascent, written to the cache) or
+    ``"reuse"`` (cache reads and neighbour rebuilds only)."""
+    if epoch < first:
+        return "off"
+    return "refresh" if is_refresh_epoch(epoch, interval, first) else "reuse"
 
 
 def ema_update(cached: Optional[torch.Tensor], fresh: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -75,16 +100,110 @@ def row_means(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: int = 1 <<
     return out
 
 
-def rebuild_from_neighbors(neighbor_means: torch.Tensor, lengths: Sequence[int]) -> list:
+def row_norms(flat_rows: np.ndarray, offsets: np.ndarray, norm: str = "l2", granularity: str = "sentence",
+              chunk_rows: int = 1 << 20) -> np.ndarray:
+    """Size of each ragged row block ``flat_rows[offsets[i]:offsets[i+1]]`` in the
+    measure of the perturbation ball (the criterion's ``--adv-norm`` and
+    ``--adv-granularity``, as in :func:`fairseq_arch.perturbation.project`):
+
+    - sentence, l2: the l2 norm of the whole sentence (all tokens);
+    - sentence, linf: the largest absolute coordinate of the sentence;
+    - word, l2 / linf: the mean over tokens of each token's l2 norm / largest absolute
+      coordinate (the word ball bounds every token; the mean is what a sentence that
+      carries one vector on every token, like a rebuilt one, can match).
+
+    Read in chunks of whole sentences like :func:`row_means`; an empty block has size 0.
+    Returns ``M`` float32.
+    """
+    assert norm in ("l2", "linf") and granularity in ("sentence", "word"), (norm, granularity)
+    m = len(offsets) - 1
+    out = np.zeros(m, dtype=np.float32)
+    start = 0
+    while start < m:
+        end = int(np.searchsorted(offsets, offsets[start] + chunk_rows, side="right")) - 1
+        end = min(max(end, start + 1), m)
+        lo, hi = int(offsets[start]), int(offsets[end])
+        block = np.asarray(flat_rows[lo:hi], dtype=np.float32)
+        rel = (offsets[start:end] - lo).astype(np.int64)
+        lengths = np.diff(offsets[start: end + 1])
+        nonempty = lengths > 0
+        if hi > lo:
+            if norm == "l2":
+                per_token = np.sqrt(np.square(block).sum(axis=1)) if granularity == "word" else np.square(block).sum(axis=1)
+            else:
+                per_token = np.abs(block).max(axis=1)
+            if granularity == "word":
+                vals = np.add.reduceat(per_token, rel[nonempty]) / lengths[nonempty]
+            elif norm == "l2":
+                vals = np.sqrt(np.add.reduceat(per_token, rel[nonempty]))
+            else:
+                vals = np.maximum.reduceat(per_token, rel[nonempty])
+            out[start:end][nonempty] = vals
+        start = end
+    return out
+
+
+def rebuilt_norms(vec: torch.Tensor, lengths: Sequence[int], norm: str = "l2",
+                  granularity: str = "sentence") -> torch.Tensor:
+    """Size, in :func:`row_norms`' measure, of the sentences that carry vector
+    ``vec[b]`` (``B x C``) on each of their ``lengths[b]`` tokens: sentence l2 is
+    ``sqrt(len) ||v||``; the other measures do not depend on the length."""
+    v = vec.float()
+    per_token = v.norm(dim=-1) if norm == "l2" else v.abs().amax(dim=-1)
+    if norm == "l2" and granularity == "sentence":
+        n = torch.as_tensor([float(x) for x in lengths], dtype=per_token.dtype, device=per_token.device)
+        return per_token * n.sqrt()
+    return per_token
+
+
+def rebuild_targets(mode: str, neighbor_norms: Optional[torch.Tensor], eps: float) -> Optional[torch.Tensor]:
+    """Target size of each rebuilt sentence for ``--arch-rebuild-norm``:
+
+    - ``paper``: None (Eq. 3 as published: the mean row, whatever its size; averaging
+      rows that point different ways cancels part of their length);
+    - ``neighbor``: the mean over the K neighbours of their cached sentence sizes
+      (``neighbor_norms`` is ``B x K``);
+    - ``eps``: the radius of the ball, for every sentence.
+    """
+    assert mode in REBUILD_NORMS, f"rebuild norm must be one of {REBUILD_NORMS}, got {mode!r}"
+    if mode == "paper":
+        return None
+    assert neighbor_norms is not None and neighbor_norms.dim() == 2, "neighbor_norms must be B x K"
+    if mode == "neighbor":
+        return neighbor_norms.float().mean(dim=1)
+    return torch.full((neighbor_norms.size(0),), float(eps), dtype=torch.float32, device=neighbor_norms.device)
+
+
+def rebuild_from_neighbors(neighbor_means: torch.Tensor, lengths: Sequence[int],
+                           target_norms: Optional[torch.Tensor] = None, norm: str = "l2",
+                           granularity: str = "sentence") -> list:
     """Eq. 3: the perturbation of uncached sentence i is the mean, over its K
     neighbours j, of their word-averaged cached perturbations, put on every token.
 
     ``neighbor_means`` is ``B x K x C`` (row means of each sample's neighbours);
     returns a list of ``len_b x C`` rows (the caller projects them onto the ball).
+    With ``target_norms`` (``B``), each sentence is rescaled so that its size in the
+    ``norm``/``granularity`` measure (:func:`rebuilt_norms`) equals its target; the
+    direction stays Eq. 3's. A zero mean row has no direction and stays zero.
     """
     assert neighbor_means.dim() == 3, "neighbor_means must be B x K x C"
     vec = neighbor_means.float().mean(dim=1)  # B x C
+    if target_norms is not None:
+        have = rebuilt_norms(vec, lengths, norm, granularity)
+        scale = torch.where(have > _TINY, target_norms.float().to(vec.device) / have.clamp_min(_TINY),
+                            torch.zeros_like(have))
+        vec = vec * scale.unsqueeze(-1)
     return [vec[b].unsqueeze(0).expand(int(n), -1) for b, n in enumerate(lengths)]
+
+
+def neighbor_changes(old: Optional[np.ndarray], new: np.ndarray) -> int:
+    """Rows of a neighbour table (N x K) whose set of neighbours differs (order
+    ignored: the rebuild averages them); -1 rows (cached sentences) never differ.
+    ``old is None``: nothing to compare, 0."""
+    if old is None:
+        return 0
+    assert old.shape == new.shape, f"neighbour tables {old.shape} vs {new.shape}"
+    return int(np.any(np.sort(old, axis=1) != np.sort(new, axis=1), axis=1).sum())
 
 
 def sentence_vectors(

@@ -452,6 +452,14 @@ class PerturbationCacheStore:
         info = dict(info, crc32={f: file_crc32(os.path.join(d, f)) for f in files})
         _atomic_write_json(os.path.join(d, "COMPLETE"), info)
 
+    def generation_info(self, name: str) -> dict:
+        """The COMPLETE record of a complete generation ({} if none)."""
+        try:
+            with open(os.path.join(self.gen_dir(name), "COMPLETE")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
     def verify_generation(self, name: str) -> None:
         """Detect truncated or modified files of a complete generation."""
         d = self.gen_dir(name)

@@ -19,19 +19,29 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from ..arch_cache import ArchCache, load_embedding_matrix
+from ..cache_math import REBUILD_NORMS
 from ..distributed import all_gather_object
 
 logger = logging.getLogger(__name__)
 
 CACHE_DTYPE_CHOICES = ChoiceEnum(["float16", "float32"])
+REBUILD_NORM_CHOICES = ChoiceEnum(list(REBUILD_NORMS))
+NEIGHBOR_SEARCH_CHOICES = ChoiceEnum(["refresh", "epoch"])
 
 
 @dataclass
 class ArchTranslationConfig(TranslationConfig):
     arch_refresh_interval: int = field(
         default=15,
-        metadata={"help": "Tc: epochs between fresh perturbations. Epoch 1 is a refresh, then "
-                  "1+Tc, 1+2Tc, ...; 0 = compute once and never refresh (the paper's inf)"},
+        metadata={"help": "Tc: epochs between fresh perturbations. Epoch E (--arch-first-refresh-epoch, "
+                  "default 1) is a refresh, then E+Tc, E+2Tc, ...; 0 = compute once (in epoch E) and never "
+                  "refresh (the paper's inf)"},
+    )
+    arch_first_refresh_epoch: int = field(
+        default=1,
+        metadata={"help": "E: the first ARCH epoch (a refresh). Epochs before it train with plain "
+                  "label-smoothed CE (no regulariser, no ascent, no cache): the embeddings the first "
+                  "neighbour search uses are then trained ones, not nearly random ones. 1 = the paper"},
     )
     arch_ema: float = field(
         default=0.01,
@@ -52,6 +62,20 @@ class ArchTranslationConfig(TranslationConfig):
         metadata={"help": "word embeddings W of Eq. 4: 'model' (the model's own matrices at each "
                   "refresh), 'random' (random neighbours, the R-1-NN ablation), or a path to a "
                   "fairseq checkpoint / .npy / .pt matrix aligned with the dictionary"},
+    )
+    arch_rebuild_norm: REBUILD_NORM_CHOICES = field(
+        default="paper",
+        metadata={"help": "size of an uncached sentence's rebuilt perturbation (Eq. 3): 'paper' = the "
+                  "mean of its neighbours' mean rows on every token, projected (averaging rows that "
+                  "point different ways cancels part of their length); 'neighbor' = rescaled to the mean "
+                  "size of its K neighbours' cached sentences; 'eps' = rescaled to the ball's radius "
+                  "(--adv-eps). Sizes in the ball's own measure (--adv-norm, --adv-granularity)"},
+    )
+    arch_neighbor_search: NEIGHBOR_SEARCH_CHOICES = field(
+        default="refresh",
+        metadata={"help": "when the neighbours of Eq. 4 are searched: 'refresh' = once per refresh, at its "
+                  "end (the paper); 'epoch' = again at the start of every reuse epoch from the current "
+                  "embeddings (the cached rows stay); logged: neighbours changed and search seconds"},
     )
     arch_cache_dir: Optional[str] = field(
         default=None,
@@ -76,6 +100,13 @@ def validate_arch_config(cfg) -> None:
         raise ValueError(f"--arch-ema must be in [0, 1), got {cfg.arch_ema}")
     if cfg.arch_refresh_interval < 0:
         raise ValueError(f"--arch-refresh-interval must be >= 0 (0 = never refresh), got {cfg.arch_refresh_interval}")
+    if cfg.arch_first_refresh_epoch < 1:
+        raise ValueError(
+            f"--arch-first-refresh-epoch must be >= 1 (fairseq epochs start at 1), got {cfg.arch_first_refresh_epoch}")
+    if str(cfg.arch_rebuild_norm) not in REBUILD_NORMS:
+        raise ValueError(f"--arch-rebuild-norm must be one of {', '.join(REBUILD_NORMS)}, got {cfg.arch_rebuild_norm!r}")
+    if str(cfg.arch_neighbor_search) not in ("refresh", "epoch"):
+        raise ValueError(f"--arch-neighbor-search must be 'refresh' or 'epoch', got {cfg.arch_neighbor_search!r}")
     src = cfg.arch_neighbor_embeddings
     if src not in ("model", "random") and not os.path.isfile(src):
         raise ValueError(
@@ -125,6 +156,8 @@ class ArchTranslationTask(TranslationTask):
                 f"(--criterion adversarial_label_smoothed_cross_entropy), got {type(criterion).__name__}"
             )
         self.arch_sides = list(criterion.sides)  # the cache stores only the perturbed sides
+        # the criterion's ball: the measure in which --arch-rebuild-norm sizes rebuilt sentences
+        self.arch_ball = (float(criterion.adv_eps), str(criterion.adv_norm), str(criterion.adv_granularity))
         # other methods (none, r3f, smart, freelb) run on this task without any cache,
         # so every row of the paper's tables differs by flags only
         self.arch_enabled = criterion.uses_arch_cache
@@ -169,6 +202,10 @@ class ArchTranslationTask(TranslationTask):
                 dtype=str(self.cfg.arch_cache_dtype),
                 seed=self.cfg.seed,
                 sides=getattr(self, "arch_sides", ("source", "target")),
+                first_refresh_epoch=self.cfg.arch_first_refresh_epoch,
+                rebuild_norm=str(self.cfg.arch_rebuild_norm),
+                neighbor_search=str(self.cfg.arch_neighbor_search),
+                ball=getattr(self, "arch_ball", (0.1, "l2", "sentence")),
             )
         # every rank is here (begin_epoch is collective anyway: the cache's barrier)
         dummies = all_gather_object(getattr(self, "dummy_batches", 0))
@@ -179,6 +216,11 @@ class ArchTranslationTask(TranslationTask):
         self.arch_cache.begin_epoch(epoch, model)
         # logged inside fairseq's "train" aggregation: shows up in the epoch summary
         metrics.log_scalar("arch_nn_search_s", self.arch_cache.last_search_seconds, priority=900, round=3)
+        if self.cfg.arch_neighbor_search == "epoch" and self.arch_cache.mode == "reuse":
+            changed = self.arch_cache.last_nbr_changed  # None: no search this epoch (or nothing to compare)
+            metrics.log_scalar("arch_nbr_changed", changed[0] if changed else 0, priority=901, round=0)
+            metrics.log_scalar("arch_nbr_changed_frac", changed[0] / changed[1] if changed else 0.0,
+                               priority=902, round=4)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         # ignore_grad marks fairseq's dummy batches (a rank with no data left, OOM

@@ -2,7 +2,8 @@
 """Train one experiment of the paper's Tables 2-3 with fairseq-train (the paper's hyper-parameters).
 
     python scripts/recipes/train.py DATASET [--direction SRC-TGT] [--method arch|none|r3f|smart|freelb]
-        [--data DIR] [--save-dir DIR] [--smoke] [--print-args] [-- EXTRA fairseq-train ARGS]
+        [--data DIR] [--save-dir DIR] [--neighbor-checkpoint CKPT] [--smoke] [--print-args]
+        [-- EXTRA fairseq-train ARGS]
 
 The effective batch (64k tokens for IWSLT, 450k for WMT'16) is max-tokens per device x devices x
 --update-freq; --update-freq = ceil(batch / (max-tokens x devices)) from the GPUs torch sees (none:
@@ -13,6 +14,14 @@ Output: on a terminal (or with --progress) fairseq's output goes to <save-dir>/t
 resume) and one line per epoch is printed as it ends (scripts/progress.py: kind refresh/reuse, losses,
 seconds, time left; a line for the running epoch); otherwise (or with --no-progress) fairseq-train
 replaces this process and writes to stdout as usual. The exit status is fairseq-train's either way.
+Neighbours from trained embeddings: by default ARCH's neighbours (Eq. 4) come from the model's own
+embeddings at the end of epoch 1, when they are nearly untrained. --neighbor-checkpoint CKPT takes them
+from a trained checkpoint instead (--arch-neighbor-embeddings CKPT). Make one with a short run without
+regularizer, e.g.
+    bash scripts/train-iwslt14.sh --method none --save-dir checkpoints/iwslt14-nbr -- --max-epoch 5
+(fairseq-train arguments such as --max-epoch go after `--`),
+then train with --neighbor-checkpoint checkpoints/iwslt14-nbr/checkpoint_best.pt (same data dir:
+the dictionary must be the same).
 Environment: ARCH_NUM_GPUS overrides the GPU count (the command is printed for that many GPUs),
 ARCH_SMOKE=1 is --smoke.
 """
@@ -65,7 +74,8 @@ def count_gpus():
         return 0
 
 
-def build_command(dataset, direction, method, data, save_dir, gpus, smoke=False, max_tokens=0, extra=()):
+def build_command(dataset, direction, method, data, save_dir, gpus, smoke=False, max_tokens=0, extra=(),
+                  neighbor_checkpoint=None):
     e = EXPERIMENTS[dataset]
     src, tgt = direction.split("-")
     devices = max(gpus, 1)
@@ -93,6 +103,9 @@ def build_command(dataset, direction, method, data, save_dir, gpus, smoke=False,
         cmd += [*SMOKE_MODEL, "--max-tokens", "1000", "--update-freq", "1", "--max-epoch", "2",
                 "--warmup-updates", "10", "--arch-refresh-interval", "2", "--log-interval", "5",
                 "--num-workers", "0"]
+    if neighbor_checkpoint:
+        # after ARCH_OPTIONS: the last of a repeated flag wins
+        cmd += ["--arch-neighbor-embeddings", neighbor_checkpoint]
     return cmd + list(extra), update_freq * max_tokens * devices
 
 
@@ -116,6 +129,10 @@ def main(argv=None):
     ap.add_argument("--data", help="prepared dir (default data/DATASET, data/DATASET-smoke with --smoke)")
     ap.add_argument("--save-dir", help="checkpoints (default checkpoints/DATASET-DIRECTION-METHOD[-smoke])")
     ap.add_argument("--max-tokens", type=int, default=0, help="tokens per device per step (default 4096)")
+    ap.add_argument("--neighbor-checkpoint", metavar="CKPT",
+                    help="word embeddings for ARCH's neighbour search (Eq. 4) from this fairseq checkpoint "
+                         "(--arch-neighbor-embeddings CKPT) instead of the model's own at the end of epoch 1; "
+                         "make it with a short --method none run (see below)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 epochs on a smoke data dir (CI)")
     ap.add_argument("--print-args", action="store_true", help="print the fairseq-train command as JSON and exit")
     g = ap.add_mutually_exclusive_group()
@@ -131,8 +148,12 @@ def main(argv=None):
     suffix = "-smoke" if smoke else ""
     data = a.data or os.path.join("data", a.dataset + suffix)
     save_dir = a.save_dir or os.path.join("checkpoints", f"{a.dataset}-{direction}-{a.method}{suffix}")
+    if a.neighbor_checkpoint and not os.path.isfile(a.neighbor_checkpoint):
+        ap.error(f"--neighbor-checkpoint {a.neighbor_checkpoint}: no such file (make it with a short "
+                 "--method none run, see --help)")
     gpus = count_gpus()
-    cmd, batch = build_command(a.dataset, direction, a.method, data, save_dir, gpus, smoke, a.max_tokens, extra)
+    cmd, batch = build_command(a.dataset, direction, a.method, data, save_dir, gpus, smoke, a.max_tokens, extra,
+                               neighbor_checkpoint=a.neighbor_checkpoint)
     if a.print_args:
         print(json.dumps(cmd))
         return 0
