@@ -9,7 +9,8 @@ prints, per epoch:
 
     epoch  2/12  reuse    train loss  8.681  valid loss  8.462  adv_loss=0.2493   9 s  ~1m40s left | arch_...
 
-the epoch's kind (ARCH `refresh`: fresh ascent, or `reuse`: cache only; `-` for other methods), its seconds
+the epoch's kind (ARCH `refresh`: fresh ascent, `reuse`: cache only, `off`: before
+--arch-first-refresh-epoch; `-` for other methods), its seconds
 (from the log's timestamps: training, validation and checkpointing), and the time left: the mean epoch time
 of each kind times the epochs of that kind still to come (which epochs refresh follows from
 --arch-refresh-interval). Refresh epochs cost more than reuse epochs, hence the split; the first epoch of a
@@ -41,7 +42,7 @@ PIPE_STAT = re.compile(r"\| ([a-z_0-9]+) ([-+0-9.eE]+|inf|nan)(?= \||$)")
 COMMA_STAT = re.compile(r"([a-z_0-9]+)=([^,\s]+)")
 INNER_SIMPLE = re.compile(r"^epoch (\d+):\s+(\d+) / (\d+)")
 SIMPLE_EPOCH = re.compile(r"^epoch (\d+) \|")
-ARCH_KIND = re.compile(r"ARCH epoch (\d+): (refresh|reuse)")
+ARCH_KIND = re.compile(r"ARCH epoch (\d+): (refresh|reuse|off)")
 # ARCH's per-epoch counters, printed after the losses (what scripts/log_summary.py printed before)
 COUNTERS = ["adv_fwd_per_batch", "arch_fresh", "arch_cached", "arch_rebuilt", "arch_nn_search_s"]
 
@@ -51,9 +52,17 @@ def timestamp(text: str) -> float:
     return time.mktime(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
 
 
-def is_refresh_epoch(epoch: int, interval: int) -> bool:
-    """fairseq_arch.cache_math.is_refresh_epoch, without importing torch: 1, 1 + Tc, 1 + 2 Tc, ..."""
-    return epoch == 1 if interval == 0 else (epoch - 1) % interval == 0
+def epoch_kind(epoch: int, interval: int, first: int = 1) -> str:
+    """fairseq_arch.cache_math.epoch_mode, without importing torch: "off" before the first refresh
+    epoch E, "refresh" at E, E + Tc, E + 2 Tc, ... (only E when Tc = 0), else "reuse"."""
+    if epoch < first:
+        return "off"
+    refresh = epoch == first if interval == 0 else (epoch - first) % interval == 0
+    return "refresh" if refresh else "reuse"
+
+
+def is_refresh_epoch(epoch: int, interval: int, first: int = 1) -> bool:
+    return epoch_kind(epoch, interval, first) == "refresh"
 
 
 def fmt_duration(seconds: Optional[float]) -> str:
@@ -119,6 +128,7 @@ class LogParser:
                  method: Optional[str] = None):
         self.total = total_epochs
         self.interval = refresh_interval
+        self.first = 1  # --arch-first-refresh-epoch: epochs before it are "off" (plain label smoothing)
         self.method = method  # None until the config line: ARCH if the ARCH cache logs epochs
         self.updates_per_epoch: Optional[int] = None
         self.epoch: Optional[int] = None  # the epoch being trained
@@ -137,7 +147,7 @@ class LogParser:
         if epoch in self.kinds:
             return self.kinds[epoch]
         if self.method == "arch" and self.interval is not None:
-            return "refresh" if is_refresh_epoch(epoch, self.interval) else "reuse"
+            return epoch_kind(epoch, self.interval, self.first)
         if self.method not in (None, "arch") or not self.kinds:
             return "-"
         return "?"
@@ -199,6 +209,8 @@ class LogParser:
             self.total = int(get("max_epoch"))
         if self.interval is None and get("arch_refresh_interval") is not None:
             self.interval = int(get("arch_refresh_interval"))
+        if get("arch_first_refresh_epoch") is not None:
+            self.first = int(get("arch_first_refresh_epoch"))
         if self.method is None:  # an enum: printed without quotes
             self.method = get("adv_method", r"'?(\w+)'?") or "none"
 

@@ -224,3 +224,17 @@ def test_steps_print_elapsed_and_time_left_by_kind():
     assert s.done("x") == "quality run 4/4: x, 31 s; elapsed 1m11s"
     assert out.getvalue().count("\n") == 3
     assert progress.Steps("scale", 2, out=out, eta=False, clock=lambda: 0.0).done("a").endswith("elapsed 0 s")
+
+
+@pytest.mark.fast
+def test_kind_follows_the_first_refresh_epoch():
+    """--arch-first-refresh-epoch E: epochs before E are "off", refreshes at E, E + Tc, ..."""
+    assert [progress.epoch_kind(e, 2, first=3) for e in range(1, 7)] == \
+        ["off", "off", "refresh", "reuse", "refresh", "reuse"]
+    assert [progress.epoch_kind(e, 0, first=2) for e in range(1, 5)] == ["off", "refresh", "reuse", "reuse"]
+    p = progress.LogParser()
+    p.feed("2026-11-25 10:00:00 | INFO | fairseq_cli.train | {'_name': None, 'max_epoch': 4, "
+           "'arch_refresh_interval': 2, 'arch_first_refresh_epoch': 2, 'adv_method': arch}")
+    assert [p.kind_of(e) for e in range(1, 5)] == ["off", "refresh", "reuse", "refresh"]
+    p.feed("2026-11-25 10:00:01 | INFO | fairseq_arch.arch_cache | ARCH epoch 1: off (plain label smoothing)")
+    assert p.kinds[1] == "off"
