@@ -1,31 +1,60 @@
-"""python -m benchmarks {cost,scale,quality,plots,all} [options] — see README, "Benchmarks"."""
+"""python -m benchmarks {cost,scale,quality,plots,all,probe} [options] — see README, "Benchmarks".
+
+probe (not part of all): python -m benchmarks probe --checkpoint CKPT --data DATA_BIN [--sentences 256]."""
 
 import argparse
 import logging
 import os
 import warnings
 
+# quality: the calibrated configuration (benchmarks/results/quality_v2/calibration.json)
+QUALITY_PAIRS, QUALITY_EPOCHS, QUALITY_DROPOUT, QUALITY_WARMUP = 6000, 30, 0.1, 300
+
 
 def main():
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("what", choices=["cost", "scale", "quality", "plots", "all"])
+    ap.add_argument("what", choices=["cost", "scale", "quality", "plots", "all", "probe"])
     ap.add_argument("--out", default="benchmarks/results", help="where the .md/.json/.png go")
     ap.add_argument("--work", default="/tmp/arch-bench", help="scratch space (data-bin, checkpoints, caches)")
-    ap.add_argument("--sentences", type=int, default=3000, help="cost: Multi30k training pairs")
+    ap.add_argument("--sentences", type=int, default=None,
+                    help="cost: Multi30k training pairs (default 3000); probe: training sentences probed (default 256)")
     ap.add_argument("--rounds", type=int, default=15, help="cost: interleaved rounds")
     ap.add_argument("--steps", type=int, default=3, help="S")
-    ap.add_argument("--tc", type=int, default=15, help="Tc")
+    ap.add_argument("--tc", type=int, default=None, help="Tc (cost: default 15; quality: default epochs/3)")
     ap.add_argument("--skip-rss", action="store_true", help="cost: skip the peak-RSS fairseq-train runs")
     ap.add_argument("--rss-only", action="store_true", help="cost: re-measure peak RSS only, keep the timings in cost.json")
     ap.add_argument("--scales", default="tatoeba,1000000", help="scale: comma list of 'tatoeba' or a sentence count")
-    ap.add_argument("--seeds", default="1,2,3", help="quality: seeds")
-    ap.add_argument("--methods", default="none,r3f,smart,arch", help="quality: methods")
-    ap.add_argument("--epochs", type=int, default=10, help="quality: epochs per run")
-    ap.add_argument("--train-pairs", type=int, default=0, help="quality: Multi30k training pairs (0 = all 29k)")
+    ap.add_argument("--seeds", default="1,2,3", help="quality: seeds of the --multi-seed-methods (the others: the first)")
+    ap.add_argument("--methods", default="none,arch,r3f,smart,rdrop,arch-paper",
+                    help="quality: variants (benchmarks/quality.py VARIANTS, or --variant)")
+    ap.add_argument("--multi-seed-methods", default="none,arch", help="quality: variants run with every seed")
+    ap.add_argument("--variant", action="append", metavar="NAME='FLAGS'",
+                    help="quality: define a variant, e.g. --variant \"arch-tc5=--adv-method arch --arch-refresh-interval 5\"")
+    ap.add_argument("--epochs", type=int, default=QUALITY_EPOCHS, help="quality: epochs per run (every method)")
+    ap.add_argument("--valid-sentences", type=int, default=500, help="quality: Multi30k val sentences for valid BLEU")
+    ap.add_argument("--test-sentences", type=int, default=1000, help="quality: test_2016_flickr sentences (all: 1000)")
+    ap.add_argument("--dropout", type=float, default=QUALITY_DROPOUT, help="quality: dropout")
+    ap.add_argument("--lr", type=float, default=2e-3, help="quality: peak learning rate (inverse_sqrt)")
+    ap.add_argument("--warmup", type=int, default=QUALITY_WARMUP, help="quality: warmup updates")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="quality: tokens per batch")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="quality: only run none (first seed) for --epochs with --patience 8 and record its valid BLEU curve")
+    ap.add_argument("--checkpoint", help="probe: a checkpoint of an ARCH run")
+    ap.add_argument("--data", help="probe: its data-bin directory")
+    ap.add_argument("--cache-dir", help="probe: its cache dir (default: the run's, or <checkpoint dir>/arch_cache)")
+    ap.add_argument("--train-pairs", type=int, default=QUALITY_PAIRS, help="quality: Multi30k training pairs")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
+    if a.what == "probe":
+        from . import probe
+
+        probe.main(a)
+        return
+    if a.sentences is None:
+        a.sentences = 3000
+    a.quality_tc, a.tc = a.tc, 15 if a.tc is None else a.tc
     from . import cost, plots, quality, scale
 
     if a.what in ("cost", "all"):

@@ -30,6 +30,9 @@ COUNTS = {
     "freelb": (lambda s: (s + 1, s + 1), lambda s: (1 + s, 1 + s)),
     "arch-refresh": (lambda s: (s + 2, s + 1), lambda s: (s + 1, s + 1)),
     "arch-reuse": ((2, 1), (2, 1)),
+    # R-Drop is not in Table 1: its two dropout passes (one doubled batch in the
+    # authors' code) and one backward, counted as everywhere else
+    "rdrop": ((2, 1), (2, 1)),
 }
 
 
@@ -74,7 +77,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
     print(f"cost: cache filled in {_progress().fmt_duration(time.perf_counter() - t_start)}", flush=True)
     task_ref.begin_epoch(1, model)
 
-    crits = {m: Crit(task_ref, False, 0.1, adv_method=m, adv_steps=steps) for m in ("none", "r3f", "smart", "freelb")}
+    crits = {m: Crit(task_ref, False, 0.1, adv_method=m, adv_steps=steps) for m in ("none", "r3f", "smart", "freelb", "rdrop")}
     crits["arch-refresh"] = crit_ref
     crits["arch-reuse"] = crit_use
 

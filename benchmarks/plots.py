@@ -1,12 +1,12 @@
 """PNG figures from the benchmark JSON files in --out: cost bars with the Table 1
 prediction (cost.json), BLEU vs wall-clock per method (Fig. 1 style) and the
-gradient norm over updates (Fig. 3 style) (quality.json). Missing inputs are
+gradient norm per epoch (Fig. 3 style) (quality.json). Missing inputs are
 skipped with a message."""
 
 import json
 import os
 
-COLORS = {"none": "tab:gray", "r3f": "tab:orange", "smart": "tab:red", "freelb": "tab:purple",
+COLORS = {"none": "tab:gray", "rdrop": "tab:green", "arch-paper": "tab:brown", "r3f": "tab:orange", "smart": "tab:red", "freelb": "tab:purple",
           "arch": "tab:blue", "arch-refresh": "tab:cyan", "arch-reuse": "tab:blue", "arch (amortised)": "navy"}
 
 
@@ -40,37 +40,53 @@ def cost_bars(out, plt):
 
 
 def quality_curves(out, plt):
+    """bleu_vs_time.png: validation BLEU after every epoch against the cost-derived wall-clock
+    (cost.json s/update x updates, as in quality.md), mean over seeds, one line per variant;
+    gnorm.png: per-epoch mean gradient norm, mean over seeds (Fig. 3 style)."""
     res = _load(out, "quality")
     if not res:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    seen = set()
+    from . import quality
+
+    cost = quality.load_cost(out)
+    by = {}
     for r in res["runs"]:
-        pts = [(e["wall"] / 60, e.get("valid_bleu")) for e in r["per_epoch"] if e.get("valid_bleu") is not None]
-        if not pts:
+        by.setdefault(r["variant"], []).append(r)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for v, rs in by.items():
+        curves = []
+        for r in rs:
+            secs = quality.derived_seconds(r["method"], r["per_epoch"], cost)
+            curves.append({e["epoch"]: (t, e.get("valid_bleu")) for e, t in zip(r["per_epoch"], secs)
+                           if t is not None and e.get("valid_bleu") is not None})
+        epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not epochs:
+            print(f"plots: {v}: no cost-derived wall-clock (cost.json lacks its method), not plotted")
             continue
-        label = r["method"] if r["method"] not in seen else None
-        seen.add(r["method"])
-        ax.plot(*zip(*pts), marker="o", ms=3, color=COLORS.get(r["method"], "k"), label=label, alpha=0.8)
-    ax.set_xlabel("wall-clock (min, 2 CPU cores)")
-    ax.set_ylabel("valid BLEU (greedy)")
+        pts = [(sum(c[e][0] for c in curves) / len(curves) / 60, sum(c[e][1] for c in curves) / len(curves))
+               for e in epochs]
+        ax.plot(*zip(*pts), marker="o", ms=2.5, lw=1.2, color=COLORS.get(v, COLORS.get(rs[0]["method"], None)),
+                ls="--" if v not in COLORS else "-", label=f"{v} (n={len(rs)})")
+    ax.set_xlabel("wall-clock, min (cost.json s/update x updates, idle 2 CPU cores)")
+    ax.set_ylabel("valid BLEU (greedy), mean over seeds")
     ax.set_title("BLEU vs wall-clock (Multi30k De-En)")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "bleu_vs_time.png"), dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    shown = set()
-    for r in res["runs"]:
-        if r["method"] in shown or not r["gnorm_per_update"]:
-            continue
-        shown.add(r["method"])
-        ax.plot(r["gnorm_per_update"], lw=0.8, color=COLORS.get(r["method"], "k"), label=f"{r['method']} (seed {r['seed']})")
-    ax.set_xlabel("update")
-    ax.set_ylabel("global gradient norm")
-    ax.set_title("Gradient norm over updates (Fig. 3 style)")
-    ax.legend()
+    for v, rs in by.items():
+        rows = [{e["epoch"]: e.get("gnorm") for e in r["per_epoch"] if e.get("gnorm") is not None} for r in rs]
+        epochs = sorted(set.intersection(*(set(x) for x in rows))) if rows else []
+        if epochs:
+            ax.plot(epochs, [sum(x[e] for x in rows) / len(rows) for e in epochs], lw=1,
+                    color=COLORS.get(v, COLORS.get(rs[0]["method"], None)), ls="--" if v not in COLORS else "-",
+                    label=v)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean global gradient norm of the epoch")
+    ax.set_title("Gradient norm per epoch (Fig. 3 style), mean over seeds")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gnorm.png"), dpi=110)
     plt.close(fig)

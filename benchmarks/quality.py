@@ -1,90 +1,283 @@
-"""Quality at equal epochs: Multi30k train -> test_2016_flickr (real data), a small
-transformer, methods x seeds, each a real fairseq-train + fairseq-generate run.
+"""Quality benchmark v2: Multi30k De-En (real data) -> test_2016_flickr, a small transformer
+trained into its overfitting regime, every method for the same epochs on the same batches.
 
-Per run: validation BLEU and wall-clock after every epoch (for BLEU vs wall-clock),
-the gradient norm of every update and its per-epoch variance (Fig. 3), and the test
-sacreBLEU of the best checkpoint (beam 5). Runs are resumable: a finished run's
-result.json is reused, so the benchmark can be stopped and continued.
+One run = one (variant, seed): a real fairseq-train (best checkpoint chosen by validation BLEU,
+greedy, on the first ``--valid-sentences`` sentences of Multi30k val) then fairseq-generate
+(beam 5) on test_2016_flickr and sacreBLEU. A variant is a name and a list of flags
+(:data:`VARIANTS`, or ``--variant NAME='flags'``). Runs with the same seed share the
+initialisation and the batch order, so differences between variants are paired by seed.
+
+Resumable at two levels: a finished run is a small JSON under ``<out>/quality_v2/``
+(committed with the results: the benchmark reuses it even when the scratch ``--work`` folder is
+gone); an interrupted run continues from its ``checkpoint_last.pt`` (and its ARCH cache) in
+``--work``. The report (``quality.md|json``) is rewritten after every run.
 """
 
+import hashlib
 import json
+import math
 import os
+import shlex
 import statistics
 import subprocess
-import sys
 
 from . import common
-
-
-def _progress():
-    return common.progress()
 
 MODEL = [
     "--arch", "transformer", "--share-all-embeddings",
     "--encoder-layers", "2", "--decoder-layers", "2",
     "--encoder-embed-dim", "128", "--decoder-embed-dim", "128",
     "--encoder-ffn-embed-dim", "256", "--decoder-ffn-embed-dim", "256",
-    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4", "--dropout", "0.2",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
 ]
+MODEL_TEXT = "transformer 2+2 layers, d=128, ffn 256, 4 heads, shared embeddings"
 
+# R-Drop's IWSLT'14 De-En setting (Liang et al. 2021, their fairseq example): alpha = 5; not tuned here
+RDROP_ALPHA = 5.0
+
+# name -> flags; "{tc}" is replaced by --tc. "arch" is the plugin's defaults at the time it runs.
+VARIANTS = {
+    "none": ["--adv-method", "none"],
+    "arch": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}"],
+    "arch-paper": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-rebuild-norm", "paper"],
+    "r3f": ["--adv-method", "r3f"],
+    "smart": ["--adv-method", "smart"],
+    "rdrop": ["--adv-method", "rdrop", "--adv-lambda", str(RDROP_ALPHA)],
+}
+GOAL_ARCH = "arch"  # the variant the goals are about
+# hypotheses at most 1.2 x source + 10 tokens (fairseq's WMT examples; default 200): bounds the
+# decoding time of a model that has not learnt to stop yet (first epochs, the test's tiny runs)
+MAX_LEN = (1.2, 10)
+VALID_GEN = {"beam": 1, "max_len_a": MAX_LEN[0], "max_len_b": MAX_LEN[1]}  # valid BLEU: greedy
+
+
+def _progress():
+    return common.progress()
+
+
+# -- data -------------------------------------------------------------------------------
+
+def data_bin(work: str, pairs: int, n_valid: int, n_test: int = 1000, threshold: int = 3) -> str:
+    """common.multi30k_bin (first ``pairs`` training pairs, joined dictionary from them, rare
+    words -> <unk>), with valid = the first ``n_valid`` sentences of Multi30k val and test = the
+    first ``n_test`` of test_2016_flickr (all 1000 by default), binarised with that dictionary:
+    validation BLEU after every epoch is the expensive part of a small run."""
+    base = common.multi30k_bin(work, pairs, n_eval=1000, threshold=threshold)
+    out = base.rstrip("/") + f"-valid{n_valid}-test{n_test}"
+    if os.path.exists(os.path.join(out, "test.de-en.en.idx")):
+        return out
+    raw = os.path.join(os.path.dirname(base), f"raw-valid{n_valid}-test{n_test}")
+    os.makedirs(raw, exist_ok=True)
+    for split, src, n in (("valid", "val", n_valid), ("test", "test_2016_flickr", n_test)):
+        for lang in ("de", "en"):
+            with open(os.path.join(common.MULTI30K, f"{src}.lc.norm.tok.{lang}")) as f:
+                lines = [l for _, l in zip(range(n), f)]
+            with open(os.path.join(raw, f"{split}.{lang}"), "w") as f:
+                f.writelines(lines)
+    tmp = out + ".tmp"
+    if os.path.isdir(tmp):
+        for name in os.listdir(tmp):
+            os.remove(os.path.join(tmp, name))
+    subprocess.run(_progress().console_cmd(
+        ["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--validpref", f"{raw}/valid", "--testpref", f"{raw}/test",
+         "--srcdict", f"{base}/dict.de.txt", "--tgtdict", f"{base}/dict.en.txt", "--destdir", tmp,
+         "--workers", "1"]), check=True, capture_output=True)
+    for name in os.listdir(base):
+        if name.startswith("train."):
+            os.symlink(os.path.abspath(os.path.join(base, name)), os.path.join(tmp, name))
+    os.replace(tmp, out)
+    return out
+
+
+# -- configuration ----------------------------------------------------------------------
+
+def config_of(args) -> dict:
+    """Everything a run's result depends on besides its variant and seed."""
+    tc = getattr(args, "quality_tc", None)
+    tc = max(1, round(args.epochs / 3)) if tc is None else tc
+    return {"pairs": args.train_pairs, "valid_sentences": args.valid_sentences,
+            "test_sentences": getattr(args, "test_sentences", 1000), "epochs": args.epochs,
+            "tc": tc, "dropout": args.dropout, "lr": args.lr, "warmup": args.warmup,
+            "max_tokens": args.max_tokens, "model": MODEL_TEXT, "threshold": 3}
+
+
+def variant_flags(name: str, cfg: dict, extra: dict) -> list:
+    if name in extra:
+        flags = extra[name]
+    elif name in VARIANTS:
+        flags = VARIANTS[name]
+    else:
+        raise SystemExit(f"quality: unknown variant {name!r} (known: {', '.join(VARIANTS)}; "
+                         f"or define it with --variant {name}='--adv-method ...')")
+    return [f.replace("{tc}", str(cfg["tc"])) for f in flags]
+
+
+def adv_method(flags) -> str:
+    m = "arch"  # the criterion's default
+    for i, f in enumerate(flags[:-1]):
+        if f == "--adv-method":
+            m = flags[i + 1]
+    return m
+
+
+def train_cmd(data: str, save: str, flags, seed: int, cfg: dict, patience: int = 0) -> list:
+    return ["fairseq-train", data, "--user-dir", common.USER_DIR, "--task", "arch_translation",
+            "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            *MODEL, "--dropout", str(cfg["dropout"]),
+            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(cfg["lr"]),
+            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(cfg["warmup"]),
+            "--max-tokens", str(cfg["max_tokens"]), "--max-epoch", str(cfg["epochs"]), "--seed", str(seed),
+            "--eval-bleu", "--eval-bleu-args", json.dumps(VALID_GEN), "--eval-bleu-detok", "space",
+            "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+            *(["--patience", str(patience)] if patience else []),
+            "--save-dir", save, "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
+            "--log-format", "json", "--log-interval", "10", "--no-progress-bar", *flags]
+
+
+def config_key(cfg: dict) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+
+
+# -- logs -------------------------------------------------------------------------------
 
 def _json_lines(path):
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
             i = line.find("{")
-            if i >= 0 and ("| train |" in line or "| valid |" in line or "| train_inner |" in line):
-                kind = "train_inner" if "train_inner" in line else ("valid" if "| valid |" in line else "train")
+            if i < 0:
+                continue
+            kind = "valid" if "| valid |" in line else ("train" if "| train |" in line else None)
+            if kind:
                 try:
                     yield kind, json.loads(line[i:])
                 except json.JSONDecodeError:
                     pass
 
 
-def parse_log(log):
-    """Per-epoch wall-clock, gnorm statistics and valid BLEU, and every update's gnorm.
-    fairseq logs an epoch's validation before its training summary."""
-    rows, gnorms, bleu = {}, [], {}
+def _num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_log(log: str) -> list:
+    """One row per epoch: valid BLEU / loss, train loss, cumulative train seconds, updates, the
+    criterion's per-epoch counters. A resumed run's log repeats nothing it finished (fairseq starts
+    after the last saved epoch); if it does, the later line wins."""
+    rows = {}
     for kind, rec in _json_lines(log):
-        if kind == "train_inner" and "gnorm" in rec:
-            gnorms.append(float(rec["gnorm"]))
-        elif kind == "train":
-            rows[int(rec["epoch"])] = {"epoch": int(rec["epoch"]), "wall": float(rec["train_wall"]),
-                                       "gnorm": float(rec.get("train_gnorm", "nan")),
-                                       "gnorm_var": float(rec.get("train_gnorm_var", "nan"))}
-        elif kind == "valid":
-            bleu[int(rec["epoch"])] = float(rec.get("valid_bleu", "nan"))
-    for e, r in rows.items():
-        if e in bleu:
-            r["valid_bleu"] = bleu[e]
-    return [rows[e] for e in sorted(rows)], gnorms
+        e = int(rec["epoch"])
+        r = rows.setdefault(e, {"epoch": e})
+        if kind == "valid":
+            r["valid_bleu"] = _num(rec.get("valid_bleu"))
+            r["valid_loss"] = _num(rec.get("valid_loss"))
+        else:
+            for key, name in (("train_loss", "train_loss"), ("train_wall", "train_wall"),
+                              ("train_num_updates", "updates"), ("train_adv_fwd_per_batch", "fwd_per_batch"),
+                              ("train_gnorm", "gnorm"), ("train_gnorm_var", "gnorm_var"),
+                              ("train_arch_fresh", "arch_fresh")):
+                if key in rec:
+                    r[name] = _num(rec[key])
+    return [rows[e] for e in sorted(rows) if "updates" in rows[e]]
 
 
-def run_one(data_bin: str, work: str, method: str, seed: int, epochs: int, tc: int, pairs: int) -> dict:
-    save = os.path.join(work, "quality", f"p{pairs}-e{epochs}-tc{tc}", f"{method}-s{seed}")
-    result_path = os.path.join(save, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
+# -- cost-derived wall-clock --------------------------------------------------------------
+
+def load_cost(out: str):
+    path = os.path.join(out, "cost.json")
+    if not os.path.exists(path):
+        path = os.path.join(common.REPO, "benchmarks", "results", "cost.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def cost_row(method: str, fwd_per_batch) -> str:
+    """The cost.json row an epoch of ``method`` is priced at. ARCH epochs by what they did
+    (logged forwards per batch): a refresh (> 2), a reuse epoch (2), or plain CE before the
+    first refresh epoch (1)."""
+    if method != "arch":
+        return method
+    if fwd_per_batch is None or fwd_per_batch > 2.5:
+        return "arch-refresh"
+    return "arch-reuse" if fwd_per_batch > 1.5 else "none"
+
+
+def derived_seconds(method: str, per_epoch: list, cost) -> list:
+    """Cumulative seconds after each epoch: the epoch's updates x cost.json's s/update of the
+    row it is priced at; None from the first epoch whose row cost.json lacks."""
+    if not cost:
+        return [None] * len(per_epoch)
+    rows, out, total, prev = cost["methods"], [], 0.0, 0
+    for e in per_epoch:
+        n = (e.get("updates") or 0) - prev
+        prev = e.get("updates") or prev
+        row = rows.get(cost_row(method, e.get("fwd_per_batch")))
+        if row is None or total is None:
+            total = None
+        else:
+            total += n * row["seconds"]
+        out.append(total)
+    return out
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+# two-sided 95%: t_{0.975, df} for df = 1..30 (standard tables)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """0.975 quantile of Student's t with ``df`` degrees of freedom: the table up to 30, then the
+    Cornish-Fisher expansion around the normal quantile (error < 1e-3 there)."""
+    if df < 1:
+        raise ValueError("t quantile needs df >= 1")
+    if df <= 30:
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def paired(a: dict, b: dict) -> dict:
+    """a - b over the seeds both have ({seed: value}): mean, sample std, n, 95% t interval
+    (None when n < 2)."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    if not d:
+        return {"n": 0, "seeds": [], "diffs": [], "mean": None, "sd": None, "ci": None}
+    mean = statistics.mean(d)
+    if len(d) < 2:
+        return {"n": 1, "seeds": seeds, "diffs": d, "mean": mean, "sd": None, "ci": None}
+    sd = statistics.stdev(d)
+    half = t975(len(d) - 1) * sd / math.sqrt(len(d))
+    return {"n": len(d), "seeds": seeds, "diffs": d, "mean": mean, "sd": sd, "ci": [mean - half, mean + half]}
+
+
+# -- one run ------------------------------------------------------------------------------
+
+def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, cfg: dict) -> dict:
+    """Train + test one (variant, seed); the result JSON in <out>/quality_v2 is the record."""
+    # keyed by configuration and flags: an interrupted run resumes only into the same run
+    save = os.path.join(work, "quality_v2", config_key(cfg), f"{name}-s{seed}-{config_key({'flags': flags})}")
     os.makedirs(save, exist_ok=True)
     log = os.path.join(save, "train.log")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    train = ["fairseq-train", data_bin, "--user-dir", common.USER_DIR, "--task", "arch_translation",
-             "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-             "--adv-method", method, "--arch-refresh-interval", str(tc), *MODEL,
-             "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
-             "--warmup-updates", "100", "--max-tokens", "2048", "--max-epoch", str(epochs), "--seed", str(seed),
-             "--eval-bleu", "--eval-bleu-args", '{"beam": 1}', "--eval-bleu-detok", "space",
-             "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
-             "--save-dir", save, "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
-             "--log-format", "json", "--log-interval", "1", "--no-progress-bar"]
-    # fairseq's output -> train.log; one line per epoch (kind, losses, seconds, time left) as it ends
-    print(f"quality {method} seed {seed}: fairseq-train, {epochs} epochs -> {log}", flush=True)
-    rc = _progress().run(train, log, env=env, what=f"fairseq-train ({method}, seed {seed})")
+    resumed = os.path.exists(os.path.join(save, "checkpoint_last.pt"))
+    train = train_cmd(data, save, flags, seed, cfg)
+    print(f"quality {name} seed {seed}: fairseq-train, {cfg['epochs']} epochs"
+          + (" (continuing from checkpoint_last.pt)" if resumed else "") + f" -> {log}", flush=True)
+    # a resumed run appends: the log keeps every epoch, fairseq starts after the last saved one
+    rc = _progress().run(train, log, env=env, append=resumed, what=f"fairseq-train ({name}, seed {seed})")
     if rc != 0:
         raise subprocess.CalledProcessError(rc, train)
     gen = subprocess.run(_progress().console_cmd(
-        ["fairseq-generate", data_bin, "--user-dir", common.USER_DIR, "--task", "arch_translation",
+        ["fairseq-generate", data, "--user-dir", common.USER_DIR, "--task", "arch_translation",
          "--path", os.path.join(save, "checkpoint_best.pt"), "--gen-subset", "test", "--beam", "5",
+         "--max-len-a", str(MAX_LEN[0]), "--max-len-b", str(MAX_LEN[1]),
          "--batch-size", "128", "--required-batch-size-multiple", "1", "--cpu"]),
         capture_output=True, text=True, env=env, check=True)
     hyps = {}
@@ -93,82 +286,285 @@ def run_one(data_bin: str, work: str, method: str, seed: int, epochs: int, tc: i
             head, _, text = (line.split("\t") + ["", ""])[:3]
             hyps[int(head[2:])] = text
     with open(os.path.join(common.MULTI30K, "test_2016_flickr.lc.norm.tok.en")) as f:
-        refs = [l.rstrip("\n") for l in f]
+        refs = [l.rstrip("\n") for _, l in zip(range(cfg["test_sentences"]), f)]
     import sacrebleu
 
     bleu = sacrebleu.metrics.BLEU(force=True)
-    test_bleu = bleu.corpus_score([hyps[i] for i in range(len(refs))], [refs]).score
-    epochs_rows, gnorms = parse_log(log)
-    result = {"method": method, "seed": seed, "epochs": epochs, "tc": tc, "pairs": pairs, "test_sacrebleu": test_bleu,
-              "signature": str(bleu.get_signature()), "wall_s": epochs_rows[-1]["wall"] if epochs_rows else None,
-              "per_epoch": epochs_rows, "gnorm_per_update": gnorms}
-    with open(result_path, "w") as f:
-        json.dump(result, f)
+    score = bleu.corpus_score([hyps.get(i, "") for i in range(len(refs))], [refs])
+    per_epoch = parse_log(log)
+    valid = [(e["valid_bleu"], e["epoch"]) for e in per_epoch if e.get("valid_bleu") is not None]
+    best = max(valid, key=lambda x: (x[0], -x[1])) if valid else (None, None)
+    result = {"variant": name, "method": adv_method(flags), "seed": seed, "flags": flags, "config": cfg,
+              "test_sacrebleu": score.score, "test_sacrebleu_text": str(score), "signature": str(bleu.get_signature()),
+              "best_valid_bleu": best[0], "best_epoch": best[1], "epochs_run": per_epoch[-1]["epoch"] if per_epoch else 0,
+              "updates": per_epoch[-1]["updates"] if per_epoch else 0,
+              "train_seconds_measured": per_epoch[-1].get("train_wall") if per_epoch else None,
+              "per_epoch": per_epoch}
+    write_run(out, result)
     return result
 
 
-def summarize(results, pairs):
-    by = {}
+def run_path(out: str, name: str, seed: int) -> str:
+    return os.path.join(out, "quality_v2", f"{name}-s{seed}.json")
+
+
+def write_run(out: str, result: dict) -> None:
+    path = run_path(out, result["variant"], result["seed"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=0, separators=(",", ":"))
+    os.replace(path + ".tmp", path)
+
+
+def load_run(out: str, name: str, seed: int, cfg: dict, flags: list):
+    """The finished run's JSON when it is this configuration (flags included), else None."""
+    path = run_path(out, name, seed)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        r = json.load(f)
+    if r.get("config") != cfg or r.get("flags") != flags:
+        print(f"quality: {path} is another configuration ({r.get('config')}, {r.get('flags')}): rerun", flush=True)
+        return None
+    return r
+
+
+# -- report -------------------------------------------------------------------------------
+
+def _f(x, nd=2, sign=False):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def _diff_text(p: dict) -> str:
+    if p["n"] == 0:
+        return "no paired seeds yet"
+    if p["ci"] is None:
+        return f"{p['mean']:+.2f} (n=1, seed {p['seeds'][0]}: no confidence interval)"
+    return (f"{p['mean']:+.2f}, 95% CI [{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}] "
+            f"(t, n={p['n']}, seeds {','.join(map(str, p['seeds']))}; per seed {', '.join(f'{d:+.2f}' for d in p['diffs'])})")
+
+
+def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
+    """Markdown + JSON summary of the finished runs (``results``) of the ``plan`` [(variant, seed)]."""
+    order = []
+    for name, _ in plan:
+        if name not in order:
+            order.append(name)
     for r in results:
-        by.setdefault(r["method"], []).append(r)
-    lines = [f"### Quality at equal epochs (Multi30k De-En, {pairs} training pairs -> test_2016_flickr, "
-             f"word level, words seen < 3 times -> <unk>; 2+2-layer transformer d=128; {results[0]['epochs']} epochs, "
-             f"ARCH Tc={results[0]['tc']}; beam 5)", "",
-             "| method | seeds | test sacreBLEU mean | std | min / max | wall-clock / run | mean per-epoch var(gnorm) |",
-             "|---|---|---|---|---|---|---|"]
+        if r["variant"] not in order:
+            order.append(r["variant"])
+    by = {v: {r["seed"]: r for r in results if r["variant"] == v} for v in order}
+    test = {v: {s: r["test_sacrebleu"] for s, r in rs.items()} for v, rs in by.items()}
+
+    lines = [f"### Quality at equal epochs v2 (Multi30k De-En, first {cfg['pairs']} training pairs, words seen < 3 "
+             f"times -> <unk>; {MODEL_TEXT}, dropout {cfg['dropout']}; Adam lr {cfg['lr']}, inverse_sqrt, warmup "
+             f"{cfg['warmup']}, max-tokens {cfg['max_tokens']}; {cfg['epochs']} epochs for every method, same batches "
+             f"per seed; ARCH Tc={cfg['tc']})", "",
+             f"Best checkpoint = best validation BLEU (greedy, fairseq --eval-bleu, first {cfg['valid_sentences']} "
+             f"sentences of Multi30k val); test = test_2016_flickr ({cfg['test_sentences']} sentences), beam 5, "
+             f"sacreBLEU; hypotheses at most {MAX_LEN[0]} x source + {MAX_LEN[1]} tokens.", ""]
+    if calibration:
+        lines += [calibration_text(calibration), ""]
+    lines += ["| variant | flags | seeds | test sacreBLEU mean | std | per seed | best valid BLEU (mean) | best epoch per seed "
+              "| cost-derived wall-clock / run | measured training s / run (shared CPU, not comparable) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
-    for m, rs in by.items():
-        b = [r["test_sacrebleu"] for r in rs]
-        var = [e["gnorm_var"] for r in rs for e in r["per_epoch"] if e.get("gnorm_var") == e.get("gnorm_var")]
-        summary[m] = {"mean": statistics.mean(b), "std": statistics.pstdev(b), "n": len(b),
-                      "wall": statistics.mean(r["wall_s"] for r in rs), "gnorm_var": statistics.mean(var) if var else float("nan")}
-        s = summary[m]
-        lines.append(f"| {m} | {s['n']} | {s['mean']:.2f} | {s['std']:.2f} | {min(b):.2f} / {max(b):.2f} | "
-                     f"{s['wall'] / 60:.1f} min | {s['gnorm_var']:.4f} |")
-    if "arch" in summary and "none" in summary:
-        d = summary["arch"]["mean"] - summary["none"]["mean"]
-        lines += ["", f"Goal: ARCH >= none + 0.5 sacreBLEU: measured {d:+.2f} "
-                  f"({'met' if d >= 0.5 else 'NOT met'}; seeds: {summary['arch']['n']}, spread (std) "
-                  f"arch {summary['arch']['std']:.2f}, none {summary['none']['std']:.2f})."]
-    lines.append(f"sacreBLEU signature: {results[0]['signature']} (tokenised, lowercased references: the Multi30k tok/ files)")
-    return "\n".join(lines), summary
+    for v in order:
+        rs = by[v]
+        if not rs:
+            continue
+        b = [rs[s]["test_sacrebleu"] for s in sorted(rs)]
+        derived = [derived_seconds(r["method"], r["per_epoch"], cost)[-1] if r["per_epoch"] else None for r in rs.values()]
+        derived = None if any(d is None for d in derived) else statistics.mean(derived)
+        measured = [r["train_seconds_measured"] for r in rs.values() if r.get("train_seconds_measured") is not None]
+        s = {"n": len(b), "seeds": sorted(rs), "mean": statistics.mean(b), "std": statistics.stdev(b) if len(b) > 1 else None,
+             "best_valid_bleu": statistics.mean(r["best_valid_bleu"] for r in rs.values()),
+             "best_epoch": {s_: rs[s_]["best_epoch"] for s_ in sorted(rs)},
+             "derived_seconds": derived, "measured_seconds": statistics.mean(measured) if measured else None,
+             "flags": next(iter(rs.values()))["flags"]}
+        summary[v] = s
+        lines.append(f"| {v} | `{' '.join(s['flags'])}` | {s['n']} | {s['mean']:.2f} | {_f(s['std'])} | "
+                     f"{', '.join('%.2f' % rs[x]['test_sacrebleu'] for x in sorted(rs))} | {s['best_valid_bleu']:.2f} | "
+                     f"{', '.join(f's{x}: {e}' for x, e in s['best_epoch'].items())} | "
+                     f"{'n/a (no cost.json row)' if derived is None else f'{derived / 60:.1f} min'} | "
+                     f"{_f(s['measured_seconds'], 0)} |")
+    lines += ["", "Cost-derived wall-clock: every epoch's updates x the s/update that benchmarks/results/cost.json measured "
+              "for the method on idle 2 cores (interleaved rounds; ARCH epochs priced as refresh or reuse updates by the "
+              "forwards per batch they logged). cost.json times a 3+3-layer d=128 model on 3000 pairs: absolute minutes "
+              "are for that model, the ratios between methods are what carries over. The measured training seconds "
+              "come from a machine shared with other jobs and are not comparable between runs.", ""]
+    if results:
+        overfit = [f"{r['variant']} s{r['seed']}: best epoch {r['best_epoch']} of {r['epochs_run']}"
+                   for r in results if r["variant"] == "none"]
+        if overfit:
+            lines += ["Overfitting regime check (none must peak before the last epoch): " + "; ".join(overfit) + ".", ""]
+
+    # paired differences
+    pairs_ = [(v, "none") for v in order if v != "none"]
+    pairs_ += [(GOAL_ARCH, v) for v in order if v not in ("none", GOAL_ARCH)]
+    diffs = {}
+    lines += ["Paired differences of test sacreBLEU (same seed = same initialisation and batch order; mean of the "
+              "per-seed differences, 95% CI from the t distribution with n-1 degrees of freedom; n=1: no CI):", ""]
+    for a, b in pairs_:
+        p = paired(test.get(a, {}), test.get(b, {}))
+        diffs[f"{a} - {b}"] = p
+        lines.append(f"- {a} - {b}: {_diff_text(p)}")
+    lines.append("")
+
+    # goals of the issue
+    goals = []
+
+    def goal(text, value, ok, note=""):
+        goals.append({"goal": text, "measured": value, "met": ok})
+        state = "not measured" if ok is None else ("met" if ok else "NOT met")
+        lines.append(f"| {text} | {value} | {state}{note} |")
+
+    lines += ["| goal | measured | met |", "|---|---|---|"]
+    p = diffs.get(f"{GOAL_ARCH} - none")
+    if p and p["n"]:
+        ok = p["mean"] >= 1.0 and p["ci"] is not None and p["ci"][0] > 0
+        goal("ARCH - none >= +1.0 sacreBLEU, 95% CI above 0", _diff_text(p), ok,
+             "" if p["ci"] is not None else " (n=1: no CI)")
+    else:
+        goal("ARCH - none >= +1.0 sacreBLEU, 95% CI above 0", "n/a", None)
+    for other, thr, text in (("r3f", 0.0, "ARCH >= R3F"), ("smart", -0.3, "ARCH >= SMART - 0.3")):
+        p = diffs.get(f"{GOAL_ARCH} - {other}")
+        if p and p["n"]:
+            goal(text, _diff_text(p), p["mean"] >= thr)
+        else:
+            goal(text, "n/a", None)
+    p = diffs.get(f"{GOAL_ARCH} - rdrop")
+    goals.append({"goal": "ARCH vs R-Drop (reported)", "measured": _diff_text(p) if p else "n/a", "met": None})
+    lines.append(f"| ARCH vs R-Drop (reported, alpha {RDROP_ALPHA:g}) | {_diff_text(p) if p and p['n'] else 'n/a'} | (no goal) |")
+    a, s = summary.get(GOAL_ARCH, {}).get("derived_seconds"), summary.get("smart", {}).get("derived_seconds")
+    if a is not None and s is not None:
+        goal("ARCH wall-clock <= 0.5 x SMART at the same epochs (cost-derived)", f"{a / s:.3f}", a / s <= 0.5)
+    else:
+        goal("ARCH wall-clock <= 0.5 x SMART at the same epochs (cost-derived)", "n/a", None)
+
+    done = {(r["variant"], r["seed"]) for r in results}
+    missing = [f"{v}-s{s}" for v, s in plan if (v, s) not in done]
+    lines += ["", "Missing runs: " + (", ".join(missing) if missing else "none (every planned run finished)") + "."]
+    if results:
+        lines.append(f"sacreBLEU signature: {results[0]['signature']} (tokenised, lowercased references: the Multi30k "
+                     f"tok/ files)")
+    return "\n".join(lines), {"summary": summary, "paired": diffs, "goals": goals, "missing": missing}
 
 
-def _finished(work, pairs, epochs, tc):
-    """Every finished run of this configuration (also from earlier invocations)."""
-    root = os.path.join(work, "quality", f"p{pairs}-e{epochs}-tc{tc}")
-    out = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        path = os.path.join(root, name, "result.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                r = json.load(f)
-            log = os.path.join(root, name, "train.log")
-            if os.path.exists(log):  # re-read: reports follow the parser, not an old result file
-                r["per_epoch"], r["gnorm_per_update"] = parse_log(log)
-            out.append(r)
-    order = {"none": 0, "r3f": 1, "smart": 2, "freelb": 3, "arch": 4}
-    return sorted(out, key=lambda r: (order.get(r["method"], 9), r["seed"]))
+def calibration_text(c: dict) -> str:
+    curve = ", ".join(f"{e}: {b:.2f}" for e, b in c["valid_bleu"])
+    lmin = c.get("valid_loss_min")
+    return (f"Calibration ({c['what']}): none, seed 1, valid BLEU per epoch: {curve}. "
+            f"Best {c['best'][1]:.2f} at epoch {c['best'][0]}"
+            + (f"; valid loss lowest at epoch {lmin[0]} ({lmin[1]:.3f}), higher after" if lmin else "")
+            + f". {c['decision']}")
+
+
+def load_calibration(out: str):
+    path = os.path.join(out, "quality_v2", "calibration.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def plan_of(args) -> list:
+    """[(variant, seed)], most informative first: the multi-seed variants seed by seed (none s1,
+    arch s1, none s2, ...), then the others with the first seed."""
+    names = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    multi = set(m for m in args.multi_seed_methods.split(",") if m)
+    plan = [(m, s) for s in seeds for m in names if m in multi]
+    plan += [(m, seeds[0]) for m in names if m not in multi]
+    return plan
+
+
+def extra_variants(specs) -> dict:
+    out = {}
+    for spec in specs or []:
+        name, eq, flags = spec.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"quality: --variant wants NAME='--flag value ...', got {spec!r}")
+        out[name.strip()] = shlex.split(flags)
+    return out
+
+
+def report(args, plan, cfg, extra):
+    results = []
+    for name, seed in plan:
+        r = load_run(args.out, name, seed, cfg, variant_flags(name, cfg, extra))
+        if r:
+            results.append(r)
+    cost = load_cost(args.out)
+    md, info = summarize(results, plan, cfg, cost, load_calibration(args.out))
+    common.write_report(args.out, "quality", {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
+                                              "runs": [{k: v for k, v in r.items()} for r in results],
+                                              "cost_json": bool(cost), **info}, md)
+
+
+def calibration_record(per_epoch: list, what: str, cfg: dict) -> dict:
+    curve = [(e["epoch"], e["valid_bleu"]) for e in per_epoch if e.get("valid_bleu") is not None]
+    loss = [(e["epoch"], e["valid_loss"]) for e in per_epoch if e.get("valid_loss") is not None]
+    best = max(curve, key=lambda x: (x[1], -x[0]))
+    last = curve[-1][0]
+    if best[0] < last:
+        decision = (f"none's best valid BLEU is at epoch {best[0]} of {last}: no improvement in the last {last - best[0]} "
+                    f"epochs; inverse_sqrt does not depend on --max-epoch, so a shorter run follows this curve to its end.")
+    else:
+        decision = f"none still improves at the last epoch ({last}): NOT yet overfitting, train longer or on fewer pairs."
+    return {"what": what, "config": cfg, "valid_bleu": curve, "best": list(best), "epochs_run": last,
+            "valid_loss": loss, "valid_loss_min": list(min(loss, key=lambda x: x[1])) if loss else None,
+            "decision": decision}
+
+
+def calibrate(args, cfg, data):
+    """none, first seed, up to --epochs with --patience 8: where validation BLEU peaks."""
+    seed = int(args.seeds.split(",")[0])
+    save = os.path.join(args.work, "quality_v2", "calibration-" + config_key(cfg), f"none-s{seed}")
+    os.makedirs(save, exist_ok=True)
+    log = os.path.join(save, "train.log")
+    resumed = os.path.exists(os.path.join(save, "checkpoint_last.pt"))
+    cmd = train_cmd(data, save, ["--adv-method", "none"], seed, cfg, patience=8)
+    rc = _progress().run(cmd, log, env=dict(os.environ, PYTHONWARNINGS="ignore"), append=resumed,
+                         what="fairseq-train (calibration)")
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, cmd)
+    rec = calibration_record(parse_log(log), f"python -m benchmarks quality --calibrate, seed {seed}, "
+                                             f"up to {cfg['epochs']} epochs, --patience 8", cfg)
+    path = os.path.join(args.out, "quality_v2", "calibration.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+    print(calibration_text(rec), flush=True)
 
 
 def main(args):
-    pairs = args.train_pairs or 29000
-    data = common.multi30k_bin(args.work, pairs, threshold=3)  # rare words -> <unk>: a smaller softmax
-    runs = [(seed, method) for seed in [int(s) for s in args.seeds.split(",")]
-            for method in args.methods.split(",")]  # seed-major: every method gets each seed early
-    # runs left are priced by the mean of the finished runs of the same method (smart costs more than none)
-    steps = _progress().Steps("quality run", len(runs), kinds=[m for _, m in runs])
-    for seed, method in runs:
-        reused = os.path.exists(os.path.join(args.work, "quality", f"p{pairs}-e{args.epochs}-tc{args.tc}",
-                                             f"{method}-s{seed}", "result.json"))
-        r = run_one(data, args.work, method, seed, args.epochs, args.tc, pairs)
-        detail = f"{method} seed {seed}: test sacreBLEU {r['test_sacrebleu']:.2f}, {r['wall_s']:.0f} s training"
-        if reused:
+    cfg = config_of(args)
+    extra = extra_variants(getattr(args, "variant", None))
+    plan = plan_of(args)
+    if getattr(args, "calibrate", False):
+        return calibrate(args, cfg, data_bin(args.work, cfg["pairs"], cfg["valid_sentences"], cfg["test_sentences"]))
+    for name, _ in plan:
+        variant_flags(name, cfg, extra)  # unknown names fail before anything runs
+    data = data_bin(args.work, cfg["pairs"], cfg["valid_sentences"], cfg["test_sentences"])
+    steps = _progress().Steps("quality run", len(plan), kinds=[m for m, _ in plan])
+    ran = False
+    for name, seed in plan:
+        flags = variant_flags(name, cfg, extra)
+        r = load_run(args.out, name, seed, cfg, flags)
+        if r:
             steps.skip()
-            print(f"quality run {steps.i}/{steps.total}: {detail} (finished earlier)", flush=True)
-        else:
-            steps.done(detail)
-            # the report is rewritten after every run: a stopped benchmark still reports
-            results = _finished(args.work, pairs, args.epochs, args.tc)
-            md, summary = summarize(results, pairs)
-            common.write_report(args.out, "quality", {"runs": results, "summary": summary}, md)
+            print(f"quality run {steps.i}/{steps.total}: {name} seed {seed}: test sacreBLEU "
+                  f"{r['test_sacrebleu']:.2f} (finished earlier: {run_path(args.out, name, seed)})", flush=True)
+            continue
+        r = run_one(data, args.work, args.out, name, flags, seed, cfg)
+        ran = True
+        steps.done(f"{name} seed {seed}: test sacreBLEU {r['test_sacrebleu']:.2f}, best valid BLEU "
+                   f"{r['best_valid_bleu']:.2f} at epoch {r['best_epoch']}")
+        report(args, plan, cfg, extra)  # a stopped benchmark still reports
+    if not ran:
+        report(args, plan, cfg, extra)  # everything reused: the report from the JSONs (and today's cost.json)

@@ -82,7 +82,7 @@ def test_cost_benchmark_counts_are_what_the_criterion_logs(small_toy, tmp_path):
     task.begin_epoch(1, model)
     model.train()
     logged = {m: Crit(task, False, 0.1, adv_method=m, adv_steps=steps)(model, batches[0])[2]
-              for m in ("none", "r3f", "smart", "freelb")}
+              for m in ("none", "r3f", "smart", "freelb", "rdrop")}
     refresh = [arch(model, b)[2] for b in batches]  # fills the cache for the reuse epoch
     logged["arch-refresh"] = refresh[0]
     task.begin_epoch(2, model)
@@ -99,3 +99,88 @@ def test_scale_benchmark_checks_faiss_against_brute_force(tmp_path):
     assert row["sentences"] == 2000 and row["cached"] == 200
     assert row["faiss_vs_brute_top1_similarity_agreement"] == 1.0
     assert row["cache_disk_bytes"] > 0 and set(row["search_s"]) == {"source", "target"}
+
+
+@pytest.mark.fast
+def test_quality_paired_difference_and_t_interval_by_hand():
+    """benchmarks/quality.py's paired differences: mean of the per-seed differences and the
+    95% t interval mean +- t_{0.975, n-1} sd / sqrt(n), against a hand computation."""
+    from benchmarks import quality
+
+    arch = {1: 30.0, 2: 31.5, 3: 29.0, 4: 33.0}
+    none = {1: 28.0, 2: 30.5, 3: 29.5, 5: 40.0}  # seed 4 and 5 have no pair: left out
+    p = quality.paired(arch, none)
+    # differences 2.0, 1.0, -0.5: mean 0.8333, sample sd sqrt(((7/6)^2 + (1/6)^2 + (4/3)^2) / 2) = 1.2583,
+    # t_{0.975, 2} = 4.303: half width 4.303 * 1.2583 / sqrt(3) = 3.1260
+    assert p["n"] == 3 and p["seeds"] == [1, 2, 3] and p["diffs"] == [2.0, 1.0, -0.5]
+    assert p["mean"] == pytest.approx(0.833333, abs=1e-5)
+    assert p["sd"] == pytest.approx(1.258306, abs=1e-5)
+    assert p["ci"] == pytest.approx([0.833333 - 3.126048, 0.833333 + 3.126048], abs=1e-4)
+    one = quality.paired({1: 30.0}, {1: 28.5})
+    assert one["n"] == 1 and one["mean"] == 1.5 and one["ci"] is None
+    assert quality.paired({2: 1.0}, {1: 1.0})["n"] == 0
+    # the t quantile: table values and the expansion beyond the table
+    assert quality.t975(1) == 12.706 and quality.t975(9) == 2.262 and quality.t975(30) == 2.042
+    assert quality.t975(40) == pytest.approx(2.0211, abs=1e-3) and quality.t975(120) == pytest.approx(1.9799, abs=1e-3)
+    try:
+        from scipy import stats
+    except ImportError:
+        return
+    for df in (1, 2, 5, 17, 30, 31, 60, 200):
+        assert quality.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3), df
+
+
+@pytest.mark.fast
+def test_quality_plan_runs_the_paired_seeds_first():
+    from types import SimpleNamespace
+
+    from benchmarks import quality
+
+    args = SimpleNamespace(methods="none,arch,r3f,smart,rdrop,arch-paper", seeds="1,2,3", multi_seed_methods="none,arch")
+    assert quality.plan_of(args) == [("none", 1), ("arch", 1), ("none", 2), ("arch", 2), ("none", 3), ("arch", 3),
+                                     ("r3f", 1), ("smart", 1), ("rdrop", 1), ("arch-paper", 1)]
+    cfg = {"tc": 7}
+    assert quality.variant_flags("arch", cfg, {})[-2:] == ["--arch-refresh-interval", "7"]
+    assert quality.variant_flags("rdrop", cfg, {}) == ["--adv-method", "rdrop", "--adv-lambda", "5.0"]
+    extra = quality.extra_variants(["arch-tc2=--adv-method arch --arch-refresh-interval 2"])
+    assert quality.variant_flags("arch-tc2", cfg, extra) == ["--adv-method", "arch", "--arch-refresh-interval", "2"]
+    # ARCH epochs are priced by what they did: refresh (5 forwards), reuse (2), plain CE before the first refresh (1)
+    cost = {"methods": {"none": {"seconds": 1.0}, "arch-refresh": {"seconds": 4.0}, "arch-reuse": {"seconds": 2.0}}}
+    epochs = [{"updates": 10, "fwd_per_batch": 1.0}, {"updates": 20, "fwd_per_batch": 5.0}, {"updates": 30, "fwd_per_batch": 2.0}]
+    assert quality.derived_seconds("arch", epochs, cost) == [10.0, 50.0, 70.0]
+    assert quality.derived_seconds("r3f", epochs, cost) == [None, None, None]  # cost.json has no r3f row
+
+
+def test_quality_benchmark_reports_paired_differences_and_resumes(tmp_path):
+    """A tiny quality run (200 pairs, 2 epochs, none and arch, seed 1): the report has the paired
+    difference, the goals and the missing runs; each finished run is a small JSON in
+    <out>/quality_v2 that a second invocation reuses even with a fresh --work folder."""
+    utils.require_shared("multi30k", "tok")
+    tiny = ["quality", "--train-pairs", "200", "--valid-sentences", "40", "--epochs", "2", "--tc", "1",
+            "--methods", "none,arch", "--seeds", "1", "--max-tokens", "2048", "--test-sentences", "100"]
+    out = bench(tmp_path, *tiny)
+    res = json.load(open(tmp_path / "out" / "quality.json"))
+    md = open(tmp_path / "out" / "quality.md").read()
+    assert "Missing runs: arch-s1." in out  # the report written after the first run
+    assert "Missing runs: none (every planned run finished)." in md
+    line = re.search(r"^- arch - none: ([+-][0-9.]+) \(n=1, seed 1: no confidence interval\)$", md, re.M)
+    assert line, md
+    runs = {r["variant"]: r for r in res["runs"]}
+    assert set(runs) == {"none", "arch"}
+    assert float(line.group(1)) == pytest.approx(runs["arch"]["test_sacrebleu"] - runs["none"]["test_sacrebleu"], abs=5e-3)
+    assert "| ARCH - none >= +1.0 sacreBLEU, 95% CI above 0 |" in md and "ARCH wall-clock <= 0.5 x SMART" in md
+    for v in ("none", "arch"):
+        path = tmp_path / "out" / "quality_v2" / f"{v}-s1.json"
+        assert path.exists() and path.stat().st_size < 20000
+        r = json.load(open(path))
+        assert [e["epoch"] for e in r["per_epoch"]] == [1, 2] and r["best_epoch"] in (1, 2)
+        assert r["signature"].startswith("nrefs:1|") and 0 <= r["test_sacrebleu"] <= 100
+    # arch refreshed in both epochs (Tc = 1): logged as 5 forwards per batch
+    assert [e["fwd_per_batch"] for e in runs["arch"]["per_epoch"]] == [5.0, 5.0]
+    # resumed from the JSONs alone: a fresh --work, nothing retrained
+    again = utils.run([sys.executable, "-m", "benchmarks", *tiny, "--out", str(tmp_path / "out"),
+                       "--work", str(tmp_path / "work2")], timeout=900, cwd=utils.REPO, env=ENV,
+                      capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert again.stdout.count("(finished earlier:") == 2 and "fairseq-train" not in again.stdout
+    assert os.path.exists(tmp_path / "out" / "bleu_vs_time.png")

@@ -12,6 +12,11 @@ tables (``--adv-method``), through one perturbation/injection code path:
               into one backward ("free" large batch, Zhu et al. 2020). No clean term.
 - ``arch``:   as smart on refresh epochs, cached/rebuilt perturbations on the others
               (needs ``--task arch_translation``).
+- ``rdrop``:  R-Drop (Liang et al., NeurIPS 2021): two forwards of the same batch with
+              dropout on (different masks), no perturbation, no cache; the label-smoothed
+              CE of both plus alpha * symmetric KL between the two predictions, gradients
+              through both. alpha = ``--adv-lambda`` (their IWSLT'14 De-En setting: 5).
+              Scale convention: see :meth:`_rdrop`.
 ``--adv-lambda 0`` turns every method into ``none`` exactly.
 
 delta perturbs the token-embedding lookup of the source and of the decoder input
@@ -24,6 +29,7 @@ ascent step plus the trainer's ``loss.backward()``). Per batch, S = ``--adv-step
     none   1 forward,   1 backward        r3f     2 forwards, 1 backward
     smart  S+2, S+1                       freelb  S+1, S+1
     arch   refresh epoch S+2, S+1;  other epochs 2, 1
+    rdrop  2, 1
 
 The paper's Table 1 counts one forward fewer for smart and for ARCH's refresh epochs
 (it does not count the forward at the random start): SMART 1+S, ARCH 2+(S-1)/Tc.
@@ -52,15 +58,17 @@ from ..perturbation import ascent_step, divergence, project, seeded_init, senten
 SIDE_IDS = {"source": 0, "target": 1}
 
 
-METHODS = ("none", "r3f", "smart", "freelb", "arch")
+METHODS = ("none", "r3f", "smart", "freelb", "arch", "rdrop")
 
 
 @dataclass
 class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
     adv_method: ChoiceEnum(list(METHODS)) = field(
-        default="arch", metadata={"help": "regularization method: none | r3f | smart | freelb | arch "
-                                  "(arch needs --task arch_translation)"})
-    adv_lambda: float = field(default=1.0, metadata={"help": "lambda: weight of the adversarial regularizer; 0 = plain label smoothing"})
+        default="arch", metadata={"help": "regularization method: none | r3f | smart | freelb | arch | rdrop "
+                                  "(arch needs --task arch_translation; rdrop = R-Drop, two dropout "
+                                  "forwards + --adv-lambda (R-Drop's alpha) x symmetric KL, no perturbation)"})
+    adv_lambda: float = field(default=1.0, metadata={"help": "lambda: weight of the adversarial regularizer; 0 = plain label "
+                                                    "smoothing. rdrop: R-Drop's alpha (their IWSLT'14 De-En setting: 5)"})
     adv_eps: float = field(default=0.1, metadata={"help": "epsilon: radius of the perturbation ball"})
     adv_steps: int = field(default=3, metadata={"help": "S: projected gradient ascent steps per fresh perturbation"})
     adv_step_size: float = field(default=0.1, metadata={"help": "eta: ascent step size (the step is eta * g / ||g||)"})
@@ -79,6 +87,11 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
         default=None, metadata={"help": "forward = KL(f(x) || f(x+delta)) as in the paper; "
                                 "symmetric = (KL(p||q) + KL(q||p)) / 2 (default: symmetric for r3f, "
                                 "forward otherwise)"})
+    adv_probe_sentences: int = field(
+        default=0, metadata={"help": "mechanism probe: at the start of every epoch >= 2, rank 0 logs "
+                             "'ARCH probe epoch E: ...' = the KL a fresh ascent, the cached rows, the "
+                             "neighbour-rebuilt rows and random deltas of the same norm induce on this many "
+                             "fixed training sentences (eval mode; RNG and parameters untouched); 0 = off"})
     seed: int = II("common.seed")
 
 
@@ -146,6 +159,7 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         adv_sides="both",
         adv_kl=None,
         adv_method="arch",
+        adv_probe_sentences=0,
         seed=1,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
@@ -156,7 +170,7 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         if adv_method == "arch" and not hasattr(task, "arch_cache"):
             raise ValueError(
                 "--adv-method arch (the default) needs its cache: use --task arch_translation "
-                f"(got --task {type(task).__name__}); none, r3f, smart and freelb run with any translation task"
+                f"(got --task {type(task).__name__}); none, r3f, smart, freelb and rdrop run with any translation task"
             )
         self.adv_method = adv_method
         if adv_init is None:
@@ -178,6 +192,28 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         self.seed = seed
         self.dummy_batch = False  # set by the task for fairseq's dummy batches
         self._batches_seen = 0  # seeds fresh noise when the task has no epoch (plain translation)
+        if adv_probe_sentences < 0:
+            raise ValueError(f"--adv-probe-sentences must be >= 0, got {adv_probe_sentences}")
+        self.adv_probe_sentences = adv_probe_sentences
+        if adv_probe_sentences > 0:
+            self._install_probe_hook(task)
+
+    def _install_probe_hook(self, task) -> None:
+        """--adv-probe-sentences: run fairseq_arch.probe after the task's own begin_epoch
+        (fairseq calls it on every rank with the unwrapped model, once per epoch, after
+        the cache has advanced). Wraps this task instance's method, any task class."""
+        if getattr(task, "_adv_probe_criterion", None) is None:
+            inner = task.begin_epoch
+
+            def begin_epoch(epoch, model):
+                inner(epoch, model)
+                from ..probe import log_probe
+
+                crit = task._adv_probe_criterion
+                log_probe(task, model, crit, epoch, crit.adv_probe_sentences)
+
+            task.begin_epoch = begin_epoch
+        task._adv_probe_criterion = self  # the last criterion built for the task probes
 
     @property
     def uses_arch_cache(self) -> bool:
@@ -274,10 +310,50 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
                 delta = self._step(delta, grads, masks)
         return torch.stack(losses).mean(), torch.stack(nlls).mean(), {s: d.detach() for s, d in delta.items()}
 
+    def _rdrop(self, model, sample, counts):
+        """R-Drop: two forwards of the batch with dropout on, each with its own masks.
+
+        Followed: the authors' fairseq criterion (github.com/dropreg/R-Drop,
+        ``reg_label_smoothed_cross_entropy``: ``forward_reg`` + ``compute_kl_loss``). It
+        forwards the batch concatenated with itself once and minimises
+        ``LS(p1) + LS(p2) + alpha * (KL(p1||p2) + KL(p2||p1)) / 2``, every term summed
+        over the real target tokens, divided by the tokens of ONE copy (sample_size =
+        ntokens), with no detach (gradients through both distributions). We run two
+        forwards of the batch instead (the same computation and masks distribution,
+        counted as 2 forwards like r3f's), and the symmetric KL is
+        :func:`divergence` ``(.., "symmetric")``, which is their ``compute_kl_loss``.
+
+        Scale: we minimise half of their objective, ``(LS1 + LS2)/2 + alpha/2 * symKL``,
+        so that the logged ``loss`` / ``nll_loss`` / ``ls_loss`` (the mean of the two
+        passes) and ``gnorm`` are on the one-pass scale of every other method
+        (``adv_loss`` is the symmetric KL per token). A constant factor on the whole
+        objective changes neither its minimiser, nor Adam's updates (up to Adam's
+        epsilon), nor fp16 loss scaling; only an absolute ``--clip-norm`` sees it (the
+        recipes use ``--clip-norm 0``). Returns (LS mean, nll mean, symKL, 1st output).
+        """
+        net_input = sample["net_input"]
+        out1 = model(**net_input)
+        out2 = model(**net_input)
+        counts["fwd"] += 2
+        lp1, target = self.get_lprobs_and_target(model, out1, sample)
+        lp2, _ = self.get_lprobs_and_target(model, out2, sample)
+        ls1, nll1 = label_smoothed_nll_loss(lp1, target, self.eps, ignore_index=self.padding_idx, reduce=True)
+        ls2, nll2 = label_smoothed_nll_loss(lp2, target, self.eps, ignore_index=self.padding_idx, reduce=True)
+        reg = divergence(lp1.float(), lp2.float(), target.ne(self.padding_idx), "symmetric")
+        return (ls1 + ls2) / 2, (nll1 + nll2) / 2, reg, out1
+
+    # -- ARCH epochs before --arch-first-refresh-epoch ---------------------------------
+
+    def _arch_off(self) -> bool:
+        """ARCH before its first refresh epoch (the cache's mode "off"): plain
+        label-smoothed CE, counted as one forward and one backward, like --adv-method none."""
+        cache = getattr(self.task, "arch_cache", None) if self.adv_method == "arch" else None
+        return cache is not None and cache.mode == "off"
+
     # -- main ------------------------------------------------------------------
 
     def forward(self, model, sample, reduce=True):
-        plain = self.adv_method == "none" or self.adv_lambda == 0
+        plain = self.adv_method == "none" or self.adv_lambda == 0 or self._arch_off()
         if not (model.training and reduce) or plain:
             loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
             if model.training:
@@ -303,6 +379,15 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
                 delta, stats["adv_skipped"] = {}, 1
             counts["bwd"] += 1
             return self._outputs(sample, loss, loss, nll_loss, loss.new_zeros(()), delta, masks, counts, stats, None, model)
+
+        if self.adv_method == "rdrop":
+            loss, nll_loss, reg, net_output = self._rdrop(model, sample, counts)
+            if not torch.isfinite(reg):
+                reg, stats["adv_skipped"] = loss.new_zeros(()), 1  # as below: never train on it
+            counts["bwd"] += 1
+            # half of R-Drop's objective (see _rdrop): alpha/2 on the symmetric KL
+            total = loss + 0.5 * self.adv_lambda * reg.to(loss.dtype)
+            return self._outputs(sample, total, loss, nll_loss, reg, {}, masks, counts, stats, net_output, model)
 
         net_output = model(**net_input)  # clean forward, through the DDP wrapper
         counts["fwd"] += 1
