@@ -39,7 +39,10 @@ def test_unwritten_rows_are_rebuilt_at_finalisation(small_toy, tmp_path, caplog)
     """Refresh epochs 1 and 3 (Tc = 2) each see only half of the batches: epoch 1 leaves
     the other half's rows at zero, epoch 3 leaves them at epoch 1's values."""
     _, task, model, criterion = utils.build_components(
-        small_toy, ["--arch-refresh-interval", "2", "--arch-cache-fraction", "0.5", "--adv-steps", "1"],
+        small_toy, ["--arch-refresh-interval", "2", "--arch-cache-fraction", "0.5", "--adv-steps", "1",
+                    # Eq. 3's own size, so a filled row is exactly a neighbour's mean row (the
+                    # rescaled sizes are tested in test_arch_options.py)
+                    "--arch-rebuild-norm", "paper"],
         save_dir=str(tmp_path))
     batches = utils.batches(task, max_tokens=300)
     assert len(batches) >= 4, len(batches)

@@ -353,7 +353,8 @@ def test_cache_rows_follow_sample_ids_across_batch_orders_and_padding(data_dir, 
 
 def test_reuse_rebuilds_uncached_sentences_from_neighbour_means(data_dir, tmp_path):
     _, task, model, crit = utils.build_components(
-        data_dir, ["--arch-cache-fraction", "0.3", "--arch-neighbors", "2", "--arch-refresh-interval", "2"],
+        data_dir, ["--arch-cache-fraction", "0.3", "--arch-neighbors", "2", "--arch-refresh-interval", "2",
+                   "--arch-rebuild-norm", "paper"],  # Eq. 3 as written (the other sizes: test_arch_options)
         save_dir=str(tmp_path))
     batches = utils.batches(task)
     _fill_cache(task, model, crit, 1, batches)
