@@ -31,7 +31,7 @@ def test_cost_benchmark_reports_every_method_and_the_goals(tmp_path):
     out = bench(tmp_path, "cost", "--sentences", "150", "--rounds", "1", "--skip-rss", "--tc", "3")
     res = json.load(open(tmp_path / "out" / "cost.json"))
     rows = res["methods"]
-    assert set(rows) == {"none", "r3f", "smart", "freelb", "arch-refresh", "arch-reuse", "arch (amortised)"}
+    assert set(rows) == {"none", "r3f", "smart", "freelb", "rdrop", "arch-refresh", "arch-reuse", "arch (amortised)"}
     steps, tc = res["config"]["steps"], res["config"]["tc"]  # S: the benchmark's default
     assert tc == 3
     sec = {m: r["seconds"] for m, r in rows.items()}
