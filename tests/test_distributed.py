@@ -111,7 +111,7 @@ def cache_files(save_dir):
 
 
 DUMMY_LINE = "ARCH: dummy batches per rank in the last epoch: "
-CACHE_FILES = sorted(f"gen-e0003/{s}{suf}" for s in ("source", "target") for suf in (".bin", "_mean.npy", "_nbr.npy"))
+CACHE_FILES = sorted(f"gen-e0003/{s}{suf}" for s in ("source", "target") for suf in (".bin", "_mean.npy", "_nbr.npy", "_norm.npy"))
 
 
 @pytest.fixture(scope="module")
