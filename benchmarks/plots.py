@@ -6,7 +6,7 @@ skipped with a message."""
 import json
 import os
 
-COLORS = {"none": "tab:gray", "rdrop": "tab:green", "arch-paper": "tab:brown", "r3f": "tab:orange", "smart": "tab:red", "freelb": "tab:purple",
+COLORS = {"none": "tab:gray", "rdrop": "tab:green", "arch-paper": "tab:brown", "arch-neighbor": "tab:cyan", "r3f": "tab:orange", "smart": "tab:red", "freelb": "tab:purple",
           "arch": "tab:blue", "arch-refresh": "tab:cyan", "arch-reuse": "tab:blue", "arch (amortised)": "navy"}
 
 

@@ -40,6 +40,9 @@ VARIANTS = {
     "none": ["--adv-method", "none"],
     "arch": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}"],
     "arch-paper": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-rebuild-norm", "paper"],
+    # rebuilt sentences rescaled to their neighbours' cached size (the probe's choice): the candidate
+    # default, so it gets every seed too
+    "arch-neighbor": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-rebuild-norm", "neighbor"],
     "r3f": ["--adv-method", "r3f"],
     "smart": ["--adv-method", "smart"],
     "rdrop": ["--adv-method", "rdrop", "--adv-lambda", str(RDROP_ALPHA)],
