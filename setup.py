@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="ARCH (Adversarial Regularization with CacHing, Zuo et al. 2021) for fairseq NMT",
     packages=find_packages(include=["fairseq_arch", "fairseq_arch.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.11,<3.13",  # ve-fairseq 0.12.3 ships cp311/cp312 wheels only
     install_requires=[
         # torch: reuse the installed one (scripts/install.sh puts the CPU wheel
         # torch==2.13.0 there when there is none); an open range here would pull a
