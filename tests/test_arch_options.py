@@ -127,22 +127,8 @@ def data_dir(small_toy):
     return small_toy
 
 
-def build(data_dir, tmp_path, extra):
-    _, task, model, crit = utils.build_components(data_dir, list(extra), save_dir=str(tmp_path))
-    model.train()
-    return task, model, crit
-
-
-def record_deltas(crit, monkeypatch):
-    seen = []
-    real = crit._perturbed_forward
-
-    def record(model, net_input, delta):
-        seen.append({k: v.detach().clone() for k, v in delta.items()})
-        return real(model, net_input, delta)
-
-    monkeypatch.setattr(crit, "_perturbed_forward", record)
-    return seen
+build = utils.build_for_training
+record_deltas = utils.record_deltas
 
 
 def run_epoch(task, model, crit, epoch, batches):

@@ -73,18 +73,7 @@ def test_lambda_zero_is_exactly_label_smoothing(data_dir, tmp_path, through):
 # -- an independent reference: hooks of our own, fairseq's LS, KL by hand --------------
 
 
-def _record_deltas(crit, monkeypatch):
-    """Every delta the criterion feeds a perturbed forward, in order (the last one is
-    the delta its regulariser used)."""
-    seen = []
-    real = crit._perturbed_forward
-
-    def record(model, net_input, delta):
-        seen.append({k: v.detach().clone() for k, v in delta.items()})
-        return real(model, net_input, delta)
-
-    monkeypatch.setattr(crit, "_perturbed_forward", record)
-    return seen
+_record_deltas = utils.record_deltas
 
 
 def _reference_lprobs(model, net_input, delta=None):

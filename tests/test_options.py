@@ -25,10 +25,7 @@ def data_dir(small_toy):
     return small_toy
 
 
-def build(data_dir, tmp_path, extra):
-    _, task, model, crit = utils.build_components(data_dir, list(extra), save_dir=str(tmp_path))
-    model.train()
-    return task, model, crit
+build = utils.build_for_training
 
 
 def record_deltas(crit, monkeypatch):

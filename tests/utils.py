@@ -158,6 +158,27 @@ def build_components(data_dir: str, extra=(), save_dir: str = None):
     ])
 
 
+def build_for_training(data_dir: str, tmp_path, extra=()):
+    """(task, model, criterion) of build_components, the model in train mode."""
+    _, task, model, crit = build_components(data_dir, list(extra), save_dir=str(tmp_path))
+    model.train()
+    return task, model, crit
+
+
+def record_deltas(crit, monkeypatch):
+    """Every delta the criterion feeds a perturbed forward, in order (the last one is the
+    delta its regulariser used); a list that fills as the criterion runs."""
+    seen = []
+    real = crit._perturbed_forward
+
+    def record(model, net_input, delta):
+        seen.append({k: v.detach().clone() for k, v in delta.items()})
+        return real(model, net_input, delta)
+
+    monkeypatch.setattr(crit, "_perturbed_forward", record)
+    return seen
+
+
 def batches(task, max_sentences=None, max_tokens=1000):
     itr = task.get_batch_iterator(
         dataset=task.dataset("train"), max_tokens=max_tokens, max_sentences=max_sentences,
