@@ -22,22 +22,12 @@ TINY_LSTM = [
 def build_lstm(data_dir, save_dir, extra=()):
     """(task, model, criterion) as fairseq-train builds them for a tiny LSTM
     (utils.build_components hard-codes transformer options an LSTM does not take)."""
-    from fairseq import options, tasks
-    from fairseq import utils as fairseq_utils
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from benchmarks.common import build_from_flags
 
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [
+    _, task, model, criterion = build_from_flags([
         data_dir, "--cpu", "--save-dir", save_dir, "--dropout", "0", "--max-tokens", "1000",
         *utils.ARCH_TASK, *TINY_LSTM, *extra,
     ])
-    cfg = convert_namespace_to_omegaconf(args)
-    fairseq_utils.import_user_module(cfg.common)
-    torch.manual_seed(cfg.common.seed)
-    task = tasks.setup_task(cfg.task)
-    task.load_dataset("train")
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
     return task, model, criterion
 
 
