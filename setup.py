@@ -34,10 +34,15 @@ setup(
         # with sacremoses and learns a joint sentencepiece model)
         "sentencepiece",
         "sacremoses>=0.1",
-        "faiss-cpu>=1.7",
+        # faiss is an extra, one of two: faiss-cpu and faiss-gpu* both install the
+        # package `faiss`, so having both makes the install order choose (and removing
+        # one breaks the other); the plugin refuses that state. Without faiss the
+        # neighbour search uses exact tiled torch matmuls (same neighbours, slower).
     ],
     extras_require={
-        "gpu": ["faiss-gpu"],
+        "cpu": ["faiss-cpu>=1.7"],
+        # CUDA 12 builds (pulls the CUDA 12 runtime and cuBLAS wheels)
+        "gpu": ["faiss-gpu-cu12>=1.8"],
         # the range the suite was run on (pytest 9.0.3 and 9.2.0); scripts/install.sh installs it
         "test": ["pytest>=9.0,<9.3"],
         "bench": ["matplotlib>=3.5"],

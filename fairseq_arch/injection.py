@@ -21,8 +21,15 @@ import torch.nn as nn
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare fairseq model under DDP / legacy-DDP / proxy wrappers. Ascent
     forwards go through it so that DDP's reducer only sees the forwards whose
-    parameter gradients it must reduce."""
-    while not (hasattr(model, "encoder") and hasattr(model, "decoder")) and hasattr(model, "module"):
+    parameter gradients it must reduce (with --broadcast-buffers, a forward through
+    DDP is also a collective: a rank that skips an ascent would hang the others).
+
+    fairseq wraps DDP in a ``ModuleProxyWrapper`` that forwards attribute lookups
+    (``.encoder``, ``.decoder``) to the model inside, so "has an encoder" is no test
+    of being unwrapped: walk ``.module`` down to the ``BaseFairseqModel``."""
+    from fairseq.models import BaseFairseqModel
+
+    while not isinstance(model, BaseFairseqModel) and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     assert hasattr(model, "encoder") and hasattr(model, "decoder"), (
         f"ARCH needs an encoder-decoder model with embed_tokens, got {type(model).__name__}"

@@ -6,12 +6,22 @@ other sentences, searched in chunks so that N = 10^6 fits in a few GB. Backends:
 - ``faiss-cpu``: ``IndexFlatIP`` on L2-normalised vectors (exact inner product);
 - ``faiss-gpu``: the same index on the training GPU when faiss has a GPU build;
 - ``torch``: exact matmul + top-k on the training device, used on CUDA when faiss
-  has no GPU build, and as the brute-force reference in the tests.
-All three are exact, so they agree up to ties and float rounding.
+  has no GPU build, wherever faiss is not installed, and as the brute-force
+  reference in the tests. The similarity block is tiled so that it never exceeds
+  :data:`TORCH_BLOCK_BYTES` (a 32768-query chunk against 450k cached sentences
+  would otherwise be a 59 GB matrix on the GPU).
+All three are exact, so they agree up to ties and float rounding. Which one ran is
+logged once per index (and stored with each cache generation).
+
+faiss is an extra (``pip install -e .[cpu]`` or ``.[gpu]``): faiss-cpu and faiss-gpu
+both install the package ``faiss``, so with both installed the install order decides
+which one is imported and uninstalling either breaks the other. That state is
+refused with the command that fixes it.
 """
 
+import importlib.metadata
 import logging
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,45 +44,141 @@ def brute_force_knn(queries: torch.Tensor, database: torch.Tensor, k: int) -> Tu
     return sims.topk(k, dim=1, largest=True, sorted=True)
 
 
+# largest similarity block (queries x database, float32) the torch backend materialises
+TORCH_BLOCK_BYTES = 1 << 30
+
+
+class FaissConflictError(ImportError):
+    """More than one faiss distribution is installed (they overwrite each other)."""
+
+
+def faiss_distributions() -> List[str]:
+    """Installed distributions that provide the ``faiss`` package (faiss-cpu,
+    faiss-gpu, faiss-gpu-cu12, ...), by their metadata."""
+    names = set()
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name == "faiss" or name.startswith("faiss-"):
+            names.add(name)
+    return sorted(names)
+
+
+def check_faiss_distributions(names: Optional[List[str]] = None) -> None:
+    names = faiss_distributions() if names is None else names
+    if len(names) > 1:
+        keep = next((n for n in names if "gpu" in n), names[0])
+        raise FaissConflictError(
+            f"several faiss distributions are installed ({', '.join(names)}): they all own the package "
+            "'faiss', so which one is imported depends on the install order. Keep one: "
+            f"pip uninstall -y {' '.join(names)} && pip install {keep} "
+            "(or reinstall with pip install -e .[cpu] / .[gpu], README \"Dependencies\")")
+
+
+_faiss_module = None
+
+
 def _faiss():
-    # faiss logs every instruction set it fails to load (avx512, avx2) at INFO
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    try:
-        import faiss  # noqa: F401
-    except ImportError as e:  # pragma: no cover - dependency is in setup.py
-        raise ImportError(
-            "fairseq-arch needs faiss for the neighbour search: pip install faiss-cpu "
-            "(or faiss-gpu on CUDA machines)"
-        ) from e
-    return faiss
+    """The faiss module, or None when no faiss distribution is installed."""
+    global _faiss_module
+    if _faiss_module is None:
+        check_faiss_distributions()
+        # faiss logs every instruction set it fails to load (avx512, avx2) at INFO
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        try:
+            import faiss
+        except ImportError:
+            return None
+        _faiss_module = faiss
+    return _faiss_module
 
 
 def faiss_has_gpu() -> bool:
     faiss = _faiss()
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def choose_backend(device: torch.device) -> str:
+    """faiss on the index's device when the installed faiss can run there, else the
+    exact tiled torch search on that device (same neighbours up to ties)."""
     device = torch.device(device)
     if device.type == "cuda":
         return "faiss-gpu" if faiss_has_gpu() else "torch"
-    return "faiss-cpu"
+    return "faiss-cpu" if _faiss() is not None else "torch"
+
+
+def _backend_reason(backend: str, device: torch.device) -> str:
+    if backend != "torch":
+        return ""
+    if _faiss() is None:
+        return " (faiss not installed: pip install -e .[cpu] or .[gpu] for faster searches at scale)"
+    if device.type == "cuda":
+        return " (this faiss has no GPU support: pip install -e .[gpu])"
+    return ""
+
+
+def tile_rows(n_queries: int, n_database: int, block_bytes: int) -> Tuple[int, int]:
+    """(query rows, database rows) per similarity block so that the float32 block
+    ``q x d`` stays within ``block_bytes``: whole database rows first (one pass, one
+    top-k), else one query at a time against database tiles."""
+    assert block_bytes >= 4, f"block budget {block_bytes} bytes holds no similarity"
+    per_row = 4 * max(n_database, 1)
+    if per_row <= block_bytes:
+        return max(1, min(n_queries, block_bytes // per_row)), n_database
+    return 1, max(1, block_bytes // 4)
+
+
+def tiled_knn(q: torch.Tensor, db: torch.Tensor, k: int, block_bytes: int = TORCH_BLOCK_BYTES,
+              stats: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``q @ db.t()`` (rows already normalised, same device) in blocks
+    of at most ``block_bytes``; database tiles are merged with a running top-k.
+    ``stats["max_block_bytes"]`` records the largest block made (for the tests)."""
+    n, m = q.size(0), db.size(0)
+    rows, cols = tile_rows(n, m, block_bytes)
+    out_s = torch.empty(n, k, device=q.device)
+    out_i = torch.empty(n, k, dtype=torch.long, device=q.device)
+    for a in range(0, n, rows):
+        qa = q[a:a + rows]
+        best_s, best_i = None, None
+        for c in range(0, m, cols):
+            block = qa @ db[c:c + cols].t()  # rows x cols
+            if stats is not None:
+                stats["max_block_bytes"] = max(stats.get("max_block_bytes", 0), block.numel() * block.element_size())
+            s, i = block.topk(min(k, block.size(1)), dim=1)
+            i = i + c
+            if best_s is not None:
+                both_s, both_i = torch.cat([best_s, s], dim=1), torch.cat([best_i, i], dim=1)
+                s, j = both_s.topk(min(k, both_s.size(1)), dim=1)
+                i = both_i.gather(1, j)
+            best_s, best_i = s, i
+            del block
+        out_s[a:a + rows], out_i[a:a + rows] = best_s, best_i
+    return out_s, out_i
 
 
 class CosineIndex:
     """Exact cosine-similarity index over ``database`` (M x C) on ``device``."""
 
-    def __init__(self, database: torch.Tensor, device="cpu", backend: str = None):
+    def __init__(self, database: torch.Tensor, device="cpu", backend: str = None,
+                 block_bytes: int = TORCH_BLOCK_BYTES):
         self.device = torch.device(device)
         self.backend = backend or choose_backend(self.device)
         self.size = database.size(0)
+        self.block_bytes = block_bytes
+        self.stats = {}
+        logger.info(f"neighbour search: {self.backend} on {self.device}, {self.size} cached sentences"
+                    f"{_backend_reason(self.backend, self.device)}")
         db = normalize_rows(database)
         if self.backend == "torch":
             self._db = db.to(self.device)
             return
         faiss = _faiss()
+        if faiss is None:
+            raise ImportError(f"neighbour backend {self.backend!r} needs faiss: pip install -e .[cpu] (or .[gpu])")
         index = faiss.IndexFlatIP(db.size(1))
         if self.backend == "faiss-gpu":
+            # the training step's cached blocks would otherwise sit beside faiss's
+            # own allocations (its temporary memory is sized from what is free)
+            torch.cuda.empty_cache()
             self._res = faiss.StandardGpuResources()
             dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
             index = faiss.index_cpu_to_gpu(self._res, dev, index)
@@ -88,7 +194,7 @@ class CosineIndex:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
         q = normalize_rows(queries)
         if self.backend == "torch":
-            s, i = (q.to(self.device) @ self._db.t()).topk(k, dim=1)
+            s, i = tiled_knn(q.to(self.device), self._db, k, self.block_bytes, self.stats)
             return s.cpu(), i.cpu()
         s, i = self._index.search(np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32), k)
         return torch.from_numpy(s), torch.from_numpy(i).long()

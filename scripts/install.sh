@@ -11,7 +11,9 @@
 #      - else PyPI's build (on Linux a CUDA build, several GB; on macOS/Windows the CPU one).
 #      ARCH_TORCH=cpu|pypi forces one of the last two; an environment with torch keeps it.
 #   2. this package (editable) with every dependency the plugin, scripts, recipes, benchmarks
-#      and tests import (setup.py: install_requires + extras test, bench).
+#      and tests import (setup.py: install_requires + extras test, bench) and ONE faiss:
+#      ARCH_FAISS=cpu (default: faiss-cpu) or ARCH_FAISS=gpu (faiss-gpu-cu12, CUDA 12 runtime).
+#      Both own the package `faiss`, so the other one is uninstalled first (README, Dependencies).
 #   3. fairseq last, ve-fairseq==0.12.3 with --no-deps: its own metadata pins torchaudio (which
 #      would replace torch) and cython (a build-time tool); with --no-deps pip installs nothing
 #      for them and does not run the resolver check that would print "ERROR: ... ve-fairseq
@@ -22,6 +24,12 @@ cd "$ARCH_REPO"
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 TORCH_VERSION="${ARCH_TORCH_VERSION:-2.13.0}"
 TORCH_CPU_INDEX="${ARCH_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+FAISS="${ARCH_FAISS:-cpu}"
+case "$FAISS" in
+    cpu) FAISS_DIST=faiss-cpu ;;
+    gpu) FAISS_DIST=faiss-gpu-cu12 ;;
+    *) echo "[install] ARCH_FAISS must be cpu or gpu, got '$FAISS'" >&2; exit 2 ;;
+esac
 ENV_DIR="$(arch_env_dir)"
 say() { echo "[install] $*"; }
 
@@ -55,7 +63,7 @@ PIP=(pip_install)
 
 # Nothing changed since the last complete install: done.
 STAMP="$ENV_DIR/.fairseq-arch-install"
-fingerprint="$(cat setup.py requirements/fairseq.txt scripts/install.sh | cksum | cut -d' ' -f1)"
+fingerprint="$( (cat setup.py requirements/fairseq.txt scripts/install.sh; echo "faiss=$FAISS") | cksum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]] \
    && "$PY" -c "import torch, fairseq, faiss, fairseq_arch" 2>/dev/null; then
     say "up to date: $("$PY" -c 'import torch; print(torch.__version__)') in $ENV_DIR"
@@ -106,8 +114,20 @@ else
 fi
 
 # --- 2. this package and every import's package --------------------------------------------------
-say "installing fairseq-arch (editable) and its dependencies"
-"${PIP[@]}" -e ".[test,bench]"
+# faiss-cpu and faiss-gpu* both write faiss/: remove every other one before installing ours
+others="$("$PY" - "$FAISS_DIST" <<'PYEOF'
+import importlib.metadata as m, sys
+names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in m.distributions()}
+print(" ".join(sorted(n for n in names if (n == "faiss" or n.startswith("faiss-")) and n != sys.argv[1])))
+PYEOF
+)"
+if [[ -n "$others" ]]; then
+    say "uninstalling $others (ARCH_FAISS=$FAISS installs $FAISS_DIST; they all own the package faiss)"
+    "$PY" -m pip uninstall -q -y $others
+    "${PIP[@]}" --force-reinstall --no-deps "$FAISS_DIST"  # faiss/ was shared: put ours back whole
+fi
+say "installing fairseq-arch (editable) and its dependencies, $FAISS_DIST"
+"${PIP[@]}" -e ".[$FAISS,test,bench]"
 
 # --- 3. fairseq, last, without its metadata's pins ---------------------------------------------------
 if ! "$PY" -c 'import importlib.metadata as m, sys; sys.exit(m.version("ve-fairseq") != "0.12.3")' 2>/dev/null; then

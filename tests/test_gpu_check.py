@@ -1,0 +1,44 @@
+"""scripts/gpu-check.sh in its CPU smoke mode: the same script that runs on a lent GPU,
+tiny and fp32 only, through the shell entry point. Its lines must say ok for the checks
+a CPU can run and skip for the rest, and a broken check must turn into a FAIL line and a
+non-zero exit status (the run goes on to the next check)."""
+
+import os
+import re
+
+from . import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _check(tmp_path, *args, env=None):
+    p = utils.run(["bash", os.path.join(REPO, "scripts", "gpu-check.sh"), "--smoke", "--work", str(tmp_path), *args],
+                  capture_output=True, text=True, timeout=900,
+                  env=dict(os.environ, ARCH_SKIP_INSTALL="1", **(env or {})))
+    lines = [l for l in p.stdout.splitlines() if l.startswith("[gpu-check]")]
+    status = {m.group(1): m.group(2) for m in (re.match(r"\[gpu-check\] (\S+)\s+(ok|FAIL|skip)\s", l) for l in lines) if m}
+    return p, lines, status
+
+
+def test_smoke_runs_every_cpu_check(tmp_path):
+    utils.require_shared("multi30k", "tok")
+    p, lines, status = _check(tmp_path, "--only", "device,search,train,resume,ddp", "--precisions", "fp32,amp")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert status == {"device": "ok", "search": "ok", "data": "ok", "train-fp32": "ok", "train-amp": "skip", "resume": "ok",
+                      "ddp": "skip", "all": "ok"}, lines
+    train = next(l for l in lines if "train-fp32" in l)
+    moved = float(re.search(r"ascent moved delta ([0-9.]+) x eps", train).group(1))
+    assert moved > 0.05, train
+    assert "reuse epoch ran" in train and "skipped 0" in train
+    # fairseq's log went to the file, not the console
+    assert "fairseq_cli.train" not in p.stdout and os.path.getsize(tmp_path / "gpu-check.log") > 0
+
+
+def test_a_failing_check_fails_the_run(tmp_path):
+    """Multi30k pointed at an empty folder: the train check fails, the others still report."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    p, lines, status = _check(tmp_path / "w", "--only", "device,train", "--precisions", "fp32",
+                              env={"ARCH_MULTI30K": str(empty)})
+    assert p.returncode != 0
+    assert status.get("device") == "ok", lines
