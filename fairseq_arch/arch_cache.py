@@ -6,10 +6,13 @@ Timeline. Epochs before E (``--arch-first-refresh-epoch``) are *off*: plain labe
 smoothing, no cache. Epoch e is a *refresh* epoch when ``is_refresh_epoch(e, Tc, E)``
 (E, E + Tc, E + 2 Tc, ...):
   - begin_epoch(e): a new generation ``gen-e<e>`` is created as a copy of the
-    current one; batches write EMA-updated rows of their cached sentences into it,
-    reading the previous values from the current (immutable) generation.
-  - begin_epoch(e + 1): the new generation is finalised (row means, neighbours from
-    the model's embeddings at that time, COMPLETE marker) and becomes current.
+    current one; batches write EMA-updated rows of their cached sentences into it
+    (each rank into shards of its own, see :mod:`cache_store`), reading the previous
+    values from the current (immutable) generation.
+  - begin_epoch(e + 1): rank 0 merges the ranks' shards into the new generation and
+    finalises it (row means, neighbours from the model's embeddings at that time,
+    COMPLETE marker); it becomes current. The other ranks wait for it in the cache's
+    collectives, on a process group with a long timeout (:mod:`distributed`).
 Other epochs only read the current generation: cached sentences read their rows,
 the others get the mean of their K neighbours' row means on every token, rescaled
 to a target size with ``--arch-rebuild-norm neighbor|eps``. With
@@ -33,9 +36,9 @@ import torch
 from . import cache_math
 from .cache_store import (CacheMismatchError, PerturbationCacheStore, _atomic_write_json, fault_point,
                           file_crc32)
-from .distributed import all_gather_object, barrier, dist_info, on_rank0
+from .distributed import all_gather_object, dist_info, on_rank0
 from .neighbors import CosineIndex, choose_backend
-from .perturbation import gather_rows, scatter_rows
+from .perturbation import rows_to_host, scatter_rows, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ class ArchCache:
         self.rank, self.world_size = dist_info()
         self.store = PerturbationCacheStore(
             self.cache_dir, self.dataset.src_sizes, self.dataset.tgt_sizes, dims,
-            self.fraction, self.seed, self.dtype, self.num_neighbors,
+            self.fraction, self.seed, self.dtype, self.num_neighbors, rank=self.rank,
         )
         # rank 0 creates or checks the layout and stamps the dir with a token of this
         # process group; every rank must read the same token back, else the ranks do
@@ -216,6 +219,10 @@ class ArchCache:
                 store.create_generation(name, cur["name"] if cur else None)
                 state["in_progress"] = {"name": name, "epoch": epoch, "base": cur["name"] if cur else None}
                 store.write_state(state)
+            else:
+                # resumed inside this refresh epoch: fold in the rows the interrupted run
+                # wrote (its shards), so that every shard holds one process's rows only
+                store.merge_shards(ip["name"])
         info = None
         if mode == "reuse" and self._searches_in(epoch, cur):
             info = self._epoch_neighbors(epoch, cur, model)
@@ -356,9 +363,11 @@ class ArchCache:
         if self.store is None:
             self._setup(model)
         store = self.store
-        # every rank's rows of the last epoch must be on disk before rank 0 reads them
+        # every rank's rows of the last epoch must be in its shards, closed (visible to
+        # rank 0 on another node), before rank 0 merges them; rank 0 learns which shards
+        # and how many bytes to expect (the gather is also the barrier)
         store.close_maps()
-        barrier()
+        store.expect_shards(all_gather_object(store.take_shard_sizes()))
         state, info = on_rank0(lambda: self._advance(epoch, model))
         mode = self._mode(epoch)
         self.epoch = epoch
@@ -498,14 +507,17 @@ class ArchCache:
         rows = self._rebuild(torch.from_numpy(means[nbr]), store.lengths[side][missing],
                              None if norms is None else torch.from_numpy(norms))
         store.write_rows(name, side, missing, [r.numpy() for r in rows], mark_written=False)
-        store.flush(name)
+        store.merge_shards(name)  # rank 0 holds the generation alone here
         return len(missing), have
 
     def _finalize(self, ip: dict, model) -> None:
         store = self.store
         name = ip["name"]
-        store.flush(name)
         t0 = time.perf_counter()
+        # every rank's rows into the .bin files (and write flags) before anything reads them
+        merged = store.merge_shards(name)
+        logger.info(f"ARCH cache: merged the ranks' rows of epoch {ip['epoch']} ({merged} records) in "
+                    f"{time.perf_counter() - t0:.2f}s")
         search_s = 0.0
         filled = {}
         with torch.no_grad():
@@ -572,30 +584,41 @@ class ArchCache:
         target = cache_math.rebuild_targets(self.rebuild_norm, neighbor_norms, self.ball_eps)
         return cache_math.rebuild_from_neighbors(neighbor_means, lengths, target, self.ball_norm, self.ball_granularity)
 
-    def _positions(self, sample_ids: Sequence[int]) -> np.ndarray:
-        return self.store.pos_of[np.asarray(sample_ids, dtype=np.int64)]
+    def _positions(self, sample_ids) -> Tuple[np.ndarray, np.ndarray]:
+        """(host ids, cache positions; -1 = uncached) of a batch's sample ids (a sequence or
+        an int tensor). Ids on a device come to the host once per batch, one sync that both
+        sides' calls share."""
+        if torch.is_tensor(sample_ids):
+            memo = getattr(self, "_host_ids", None)
+            if memo is None or memo[0] is not sample_ids:
+                self._host_ids = (sample_ids, sample_ids.cpu().numpy().astype(np.int64))
+            ids = self._host_ids[1]
+        else:
+            ids = np.asarray(sample_ids, dtype=np.int64)
+        return ids, self.store.pos_of[ids]
 
     def read(self, sample_ids, side: str, mask: torch.Tensor, project: ProjectFn) -> Tuple[torch.Tensor, int, int]:
-        """Reuse epochs: (delta B x T x C, #read from cache, #rebuilt from neighbours)."""
+        """Reuse epochs: (delta B x T x C, #read from cache, #rebuilt from neighbours).
+        The rows are made on the host (memory-mapped cache rows, Eq. 3 rebuilds from the
+        row means) and reach the device in one pinned, non-blocking copy."""
         assert self.mode == "reuse", "read() is for reuse epochs"
-        ids = np.asarray(sample_ids, dtype=np.int64)
-        pos = self._positions(ids)
-        lengths = mask.sum(dim=1).tolist()
-        rows: List[Optional[torch.Tensor]] = [None] * len(ids)
+        ids, pos = self._positions(sample_ids)
+        lengths = self.store.lengths_all[side][ids]  # real tokens per sample, from the data
+        rows: List[Optional[np.ndarray]] = [None] * len(ids)
         cached_b = np.nonzero(pos >= 0)[0]
         if len(cached_b):
             for b, r in zip(cached_b, self.store.read_rows(self.read_gen, side, pos[cached_b])):
-                rows[b] = torch.from_numpy(r)
+                rows[b] = r
         other_b = np.nonzero(pos < 0)[0]
         if len(other_b):
             nbr = np.asarray(self.nbrs[side][ids[other_b]], dtype=np.int64)  # n x K
             means = np.asarray(self.means[side][nbr.reshape(-1)], dtype=np.float32)
-            means = torch.from_numpy(means).view(len(other_b), nbr.shape[1], -1).to(mask.device)
+            means = torch.from_numpy(means).view(len(other_b), nbr.shape[1], -1)
             norms = None
             if self.norms is not None:
                 norms = np.asarray(self.norms[side][nbr.reshape(-1)], dtype=np.float32)
-                norms = torch.from_numpy(norms).view(len(other_b), nbr.shape[1]).to(mask.device)
-            rebuilt = self._rebuild(means, [lengths[b] for b in other_b], norms)
+                norms = torch.from_numpy(norms).view(len(other_b), nbr.shape[1])
+            rebuilt = self._rebuild(means, lengths[other_b], norms)
             for b, r in zip(other_b, rebuilt):
                 rows[b] = r
         delta = project(scatter_rows(rows, mask), mask)
@@ -606,25 +629,23 @@ class ArchCache:
         """Refresh epochs: blend fresh perturbations of cached sentences into the new
         generation (Eq. 2, re-projected, rounded to the cache dtype) and return the
         perturbation to train on: the cache value for cached sentences (so refresh
-        and reuse epochs apply the same numbers), the fresh one for the others."""
+        and reuse epochs apply the same numbers), the fresh one for the others.
+        Device traffic: one pinned copy of the previous rows in, one copy of the new out."""
         assert self.mode == "refresh", "store_fresh() is for refresh epochs"
-        pos = self._positions(sample_ids)
+        ids, pos = self._positions(sample_ids)
         cached_b = np.nonzero(pos >= 0)[0]
         if len(cached_b) == 0:
             return fresh
-        sel = torch.as_tensor(cached_b, device=fresh.device)
-        mask_c = mask[sel]
-        fresh_c = fresh[sel]
+        sel = to_device(torch.from_numpy(cached_b), fresh.device)
+        mask_c = mask.index_select(0, sel)
+        fresh_c = fresh.index_select(0, sel)
         base = None
         if self.base_gen is not None:
-            base_rows = [torch.from_numpy(r) for r in self.store.read_rows(self.base_gen, side, pos[cached_b])]
-            base = scatter_rows(base_rows, mask_c)
+            base = scatter_rows(self.store.read_rows(self.base_gen, side, pos[cached_b]), mask_c)
         new_c = project(cache_math.ema_update(base, fresh_c, self.ema), mask_c)
-        rows = [r.detach().cpu().numpy() for r in gather_rows(new_c, mask_c)]
+        rows = rows_to_host(new_c, mask_c, self.store.lengths_all[side][ids[cached_b]])
         self.store.write_rows(self.write_gen, side, pos[cached_b], rows)
         fault_point(f"refresh_batch@{self.epoch}")
         # train on exactly what a reuse epoch will read back
         stored_dtype = torch.float16 if self.dtype == "float16" else torch.float32
-        applied = fresh.clone()
-        applied[sel] = project(new_c.to(stored_dtype).float(), mask_c)
-        return applied
+        return fresh.index_copy(0, sel, project(new_c.to(stored_dtype).float(), mask_c))

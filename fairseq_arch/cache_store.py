@@ -13,13 +13,32 @@ Layout of ``--arch-cache-dir``::
         target_*.npy       same for the target side
         source.written     while being written: one byte per cached sentence, 1 once a
                            batch wrote its row (removed when the generation is complete)
+        source.r00001.shard  while being written: the rows rank 1 wrote since the
+                           last merge (an append-only log; see "Shards" below)
         COMPLETE           written last; a generation without it is never read
 
 A refresh epoch writes a *new* generation (copied from the current one, then
 updated row by row with the EMA), so the generation being read is never modified;
 ``state.json`` is replaced atomically once the new generation is complete. Process
-memory does not grow with the cached tokens: rows are read and written through
-``numpy.memmap`` and only the touched pages are resident.
+memory does not grow with the cached tokens: rows are read through ``numpy.memmap``
+and only the touched pages are resident.
+
+Shards. The ranks of a refresh epoch never write the shared ``.bin`` files: on
+several nodes over NFS, pages are written back whole and the rows of neighbouring
+sentences share pages, so the last node to flush a page would overwrite the other
+nodes' rows with stale bytes (silently: the checksums are computed afterwards).
+Each rank appends its rows to a shard of its own, ``<side>.r<rank>.shard``: records
+of a 32-byte header (magic, crc32 of the row, cached position, row bytes, flags)
+followed by the row in the cache dtype. Only rank 0 writes ``.bin`` files and
+write flags, and only while it holds the generation alone (at an epoch start, the
+other ranks waiting with their shards closed): ``merge_shards`` folds every shard
+in, in rank order then record order (the last record of a position wins, as the
+last write into a memory map did), makes ``.bin`` and flags durable, then deletes
+the shards. Rank 0 merges at finalisation and also when a run resumes in the middle
+of a refresh epoch, so a shard only ever holds rows of one process's lifetime. A
+refresh therefore needs room for the shards too: up to one more generation's rows.
+A process reads back the rows it wrote itself (``read_rows`` of the generation
+being written looks into its own open shard first).
 """
 
 import errno
@@ -28,9 +47,11 @@ import json
 import logging
 import os
 import shutil
+import struct
+import time
 import uuid
 import zlib
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -60,7 +81,15 @@ def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
 
 def fault_point(name: str) -> None:
     """Crash-consistency tests: ``FAIRSEQ_ARCH_FAULT=<name>:<n>`` SIGKILLs this process
-    the n-th time it passes ``name``. Unset in normal runs (a dict lookup)."""
+    the n-th time it passes ``name``; ``FAIRSEQ_ARCH_SLEEP=<name>:<seconds>`` sleeps there
+    every time (a slow step, e.g. a long finalisation on rank 0). Unset in normal runs
+    (two dict lookups)."""
+    slow = os.environ.get("FAIRSEQ_ARCH_SLEEP")
+    if slow:
+        point, _, seconds = slow.rpartition(":")
+        if point == name:
+            logger.warning(f"FAIRSEQ_ARCH_SLEEP: sleeping {seconds} s at {name}")
+            time.sleep(float(seconds))
     spec = os.environ.get("FAIRSEQ_ARCH_FAULT")
     if not spec:
         return
@@ -161,6 +190,115 @@ def _disk_error(e: OSError, what: str) -> RuntimeError:
     return RuntimeError(f"I/O error while {what}: {e}")
 
 
+# -- per-rank shards of a generation being written (see the module docstring) -------
+
+SHARD = ".shard"
+SHARD_MAGIC = b"ARCR"
+# magic, crc32 of the row bytes, cached position, row bytes, flags, reserved
+SHARD_RECORD = struct.Struct("<4sIqqII")
+SHARD_WRITTEN = 1  # record flag: a batch wrote the row (sets the generation's write flag)
+# how long rank 0 waits for a shard another rank reported to show its reported size
+# (a filesystem shared by the nodes makes a closed file visible at once; NFS on open)
+SHARD_WAIT_S = 300.0
+
+
+def shard_file(side: str, rank: int) -> str:
+    return f"{side}.r{int(rank):05d}{SHARD}"
+
+
+def encode_records(positions: Sequence[int], rows: Sequence[np.ndarray], dtype,
+                   written: bool = True) -> Tuple[bytes, np.ndarray]:
+    """Shard records of ``rows`` (cast to ``dtype``) at cached ``positions``: the bytes,
+    and where each row's bytes start in them."""
+    parts, starts, at = [], [], 0
+    flags = SHARD_WRITTEN if written else 0
+    for p, r in zip(positions, rows):
+        payload = np.ascontiguousarray(np.asarray(r).astype(dtype, copy=False)).tobytes()
+        parts.append(SHARD_RECORD.pack(SHARD_MAGIC, zlib.crc32(payload), int(p), len(payload), flags, 0))
+        parts.append(payload)
+        starts.append(at + SHARD_RECORD.size)
+        at += SHARD_RECORD.size + len(payload)
+    return b"".join(parts), np.asarray(starts, dtype=np.int64)
+
+
+def iter_shard(path: str, row_bytes: Callable[[int], Optional[int]],
+               buffering: int = 1 << 24) -> Iterator[Tuple[int, bool, bytes]]:
+    """The records ``(position, written, row bytes)`` of a shard, in order.
+    ``row_bytes(position)`` is the size a row at that position must have (None: no
+    such position). Stops, with a warning, at the first record that is cut short or
+    does not check out: a write interrupted by a full disk or a machine crash (the
+    records before it are whole; the lost rows are rewritten when the epoch is resumed
+    from its checkpoint, or found unwritten and rebuilt at finalisation)."""
+    with open(path, "rb", buffering=buffering) as f:
+        n = 0
+        while True:
+            head = f.read(SHARD_RECORD.size)
+            if not head:
+                return
+            problem, payload = None, b""
+            if len(head) < SHARD_RECORD.size:
+                problem = "header cut short"
+            else:
+                magic, crc, pos, nbytes, flags, _ = SHARD_RECORD.unpack(head)
+                want = row_bytes(pos) if magic == SHARD_MAGIC else None
+                if magic != SHARD_MAGIC:
+                    problem = "no record header"
+                elif want is None or nbytes != want:
+                    problem = f"cached position {pos} with {nbytes} bytes does not fit the layout"
+                else:
+                    payload = f.read(nbytes)
+                    if len(payload) < nbytes:
+                        problem = "row cut short"
+                    elif zlib.crc32(payload) != crc:
+                        problem = "crc32 mismatch"
+            if problem is not None:
+                logger.warning(f"ARCH cache: {path}: record {n} and the rest ignored ({problem}): a write "
+                               "was cut short")
+                return
+            yield pos, bool(flags & SHARD_WRITTEN), payload
+            n += 1
+
+
+def _write_all(fd: int, data: bytes, what: str) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        raise _disk_error(e, what) from e
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _size_now(path: str) -> int:
+    """Size of ``path`` read through a fresh open (on NFS, open revalidates what the
+    client cached: close-to-open consistency); -1 if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return -1
+    try:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+class _Shard:
+    """This process's open shard of one side of a generation being written."""
+
+    __slots__ = ("fd", "path", "fname", "end", "index")
+
+    def __init__(self, fd: int, path: str, fname: str, num_cached: int):
+        self.fd, self.path, self.fname = fd, path, fname
+        self.end = os.fstat(fd).st_size
+        self.index = np.full(num_cached, -1, dtype=np.int64)  # cached position -> offset of its last row
+
+
 class PerturbationCacheStore:
     """Files of one cache directory; knows nothing about models or batches."""
 
@@ -174,6 +312,7 @@ class PerturbationCacheStore:
         seed: int,
         dtype: str,
         num_neighbors: int,
+        rank: int = 0,
     ):
         assert dtype in DTYPES, f"cache dtype must be one of {list(DTYPES)}, got {dtype!r}"
         assert set(dims) <= set(SIDES) and dims, f"dims must name sides among {SIDES}"
@@ -201,6 +340,11 @@ class PerturbationCacheStore:
         self._state_path = os.path.join(cache_dir, "state.json")
         self._token_path = os.path.join(cache_dir, "owner.token")
         self._maps: Dict[str, np.memmap] = {}
+        # the rank whose shards this process writes (see the module docstring)
+        self.rank = int(rank)
+        self._shards: Dict[Tuple[str, str], _Shard] = {}  # (generation, side) -> open shard
+        self._shard_sizes: Dict[str, int] = {}  # "<generation>/<shard file>" -> bytes, not yet reported
+        self._expected: Dict[str, int] = {}  # the same, of every rank: what rank 0 must find
 
     # -- layout ---------------------------------------------------------------
 
@@ -372,34 +516,164 @@ class PerturbationCacheStore:
         return cache[key]
 
     def close_maps(self) -> None:
+        """Flush and drop the memory maps; close this process's shards (which makes what
+        it appended visible to rank 0 on another node: NFS close-to-open)."""
         for m in self._maps.values():
             if isinstance(m, np.memmap):
                 m.flush()
         self._maps = {}
+        self._close_shards()
 
     def read_rows(self, name: str, side: str, positions: Sequence[int]) -> List[np.ndarray]:
+        """The rows at cached ``positions`` as float32. Of a generation being written,
+        the rows this process wrote (its open shard) are read back as written."""
         mm = self._map(name, side, writable=False)
         off = self.offsets[side]
-        return [np.asarray(mm[off[p]: off[p + 1]], dtype=np.float32) for p in positions]
+        shard = self._shards.get((name, side))
+        if shard is None:
+            return [np.asarray(mm[off[p]: off[p + 1]], dtype=np.float32) for p in positions]
+        dim, size = self.dims[side], np.dtype(self.dtype).itemsize
+        out = []
+        for p in positions:
+            at = shard.index[p]
+            if at < 0:
+                out.append(np.asarray(mm[off[p]: off[p + 1]], dtype=np.float32))
+            else:
+                n = int(off[p + 1] - off[p])
+                buf = os.pread(shard.fd, n * dim * size, int(at))
+                out.append(np.frombuffer(buf, dtype=self.dtype).reshape(n, dim).astype(np.float32))
+        return out
 
     def write_rows(self, name: str, side: str, positions: Sequence[int], rows: Sequence[np.ndarray],
                    mark_written: bool = True) -> None:
-        mm = self._map(name, side, writable=True)
+        """Append rows to this process's shard of generation ``name`` (see the module
+        docstring): they reach its ``.bin`` file when rank 0 merges the shards.
+        ``mark_written``: the rows come from batches (sets their write flags then)."""
         off = self.offsets[side]
+        positions = [int(p) for p in positions]
+        rows = list(rows)
         for p, r in zip(positions, rows):
             assert r.shape == (off[p + 1] - off[p], self.dims[side]), (
                 f"row of cached sentence {p} has shape {r.shape}"
             )
-            mm[off[p]: off[p + 1]] = r.astype(self.dtype)
-        if mark_written:
-            flags = self._written_map(name, side)
-            if flags is not None:
-                flags[np.asarray(positions, dtype=np.int64)] = 1
+        if not positions:
+            return
+        data, starts = encode_records(positions, rows, self.dtype, written=mark_written)
+        shard = self._shard(name, side)
+        _write_all(shard.fd, data, f"writing cache rows to {shard.path}")
+        for p, at in zip(positions, starts):  # in order: the last row of a position wins
+            shard.index[p] = shard.end + at
+        shard.end += len(data)
+        self._shard_sizes[f"{name}/{shard.fname}"] = shard.end
+
+    def _shard(self, name: str, side: str) -> _Shard:
+        key = (name, side)
+        if key not in self._shards:
+            fname = shard_file(side, self.rank)
+            path = os.path.join(self.gen_dir(name), fname)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            except OSError as e:
+                raise _disk_error(e, f"opening {path}") from e
+            self._shards[key] = _Shard(fd, path, fname, self.num_cached)
+        return self._shards[key]
+
+    def _close_shards(self, name: Optional[str] = None) -> None:
+        for key in [k for k in self._shards if name is None or k[0] == name]:
+            os.close(self._shards.pop(key).fd)
+
+    def take_shard_sizes(self) -> Dict[str, int]:
+        """What this process appended since the last call: ``{"<generation>/<shard>":
+        bytes}``, gathered from every rank at an epoch start for rank 0 to check."""
+        sizes, self._shard_sizes = self._shard_sizes, {}
+        return sizes
+
+    def expect_shards(self, reports: Sequence[Dict[str, int]]) -> None:
+        """Every rank's ``take_shard_sizes()``: the shards (and sizes at least) that rank 0
+        must find when it merges them, however late a shared filesystem shows them."""
+        self._expected = {}
+        for report in reports:
+            for key, size in report.items():
+                self._expected[key] = max(size, self._expected.get(key, 0))
+
+    def _wait_for_shards(self, d: str, expected: Dict[str, int]) -> None:
+        deadline = time.monotonic() + SHARD_WAIT_S
+        for fname, size in sorted(expected.items()):
+            path = os.path.join(d, fname)
+            while True:
+                seen = _size_now(path)
+                if seen >= size:
+                    break
+                if time.monotonic() > deadline:
+                    raise CacheCorruptError(
+                        f"{path}: a rank wrote {size} bytes to it, but rank 0 sees "
+                        + ("no such file" if seen < 0 else f"{seen} bytes")
+                        + f" after {SHARD_WAIT_S:.0f} s: --arch-cache-dir must be one directory on a "
+                        "filesystem shared by all nodes (NFS: with close-to-open consistency)")
+                time.sleep(0.5)
+
+    def merge_shards(self, name: str) -> Dict[str, int]:
+        """Rank 0, while the other ranks wait with their shards closed: fold every shard
+        of generation ``name`` into its ``.bin`` files (rank order, then record order: the
+        last record of a position wins) and its write flags, make both durable, then
+        delete the shards. Idempotent: cut short, it is redone from the same shards.
+        Returns the records merged per side."""
+        self._close_shards(name)
+        d = self.gen_dir(name)
+        expected = {k.split("/", 1)[1]: v for k, v in self._expected.items() if k.split("/", 1)[0] == name}
+        self._wait_for_shards(d, expected)
+        files = sorted(set(f for f in os.listdir(d) if f.endswith(SHARD)) | set(expected))
+        merged, done = {}, []
+        for side in self.sides:
+            mine = [f for f in files if f.startswith(f"{side}.r")]
+            if mine:
+                merged[side] = self._merge_side(name, side, [os.path.join(d, f) for f in mine])
+                done += mine
+        for f in done:
+            try:
+                os.remove(os.path.join(d, f))
+            except FileNotFoundError:
+                pass
+        self._expected = {k: v for k, v in self._expected.items() if k.split("/", 1)[0] != name}
+        return merged
+
+    def _merge_side(self, name: str, side: str, paths: Sequence[str]) -> int:
+        off = self.offsets[side]
+        row = self.dims[side] * np.dtype(self.dtype).itemsize
+        m = self.num_cached
+
+        def row_bytes(p: int) -> Optional[int]:
+            return int(off[p + 1] - off[p]) * row if 0 <= p < m else None
+
+        path = os.path.join(self.gen_dir(name), f"{side}.bin")
+        if os.path.getsize(path) != self.expected_bytes(side):
+            raise CacheMismatchError(f"{path} has {os.path.getsize(path)} bytes, expected "
+                                     f"{self.expected_bytes(side)}: the cache file is truncated or from another run")
+        written = np.zeros(m, dtype=bool)
+        n = 0
+        try:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                for shard in paths:
+                    for pos, was_written, payload in iter_shard(shard, row_bytes):
+                        _pwrite_all(fd, payload, int(off[pos]) * row)
+                        written[pos] |= was_written
+                        n += 1
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _disk_error(e, f"merging the ranks' cache rows into {path}") from e
+        flags = self._written_map(name, side)
+        if flags is not None and written.any():
+            flags[written] = 1
+            flags.flush()
+        return n
 
     def _written_map(self, name: str, side: str) -> Optional[np.memmap]:
         """The writable per-sentence "row written" flags of a generation being written
-        (in ``_maps``, so flush() makes them durable with the rows); None for a
-        generation made before the flags existed."""
+        (rank 0 sets them when it merges the shards); None for a generation made before
+        the flags existed."""
         key = f"{name}/{side}{WRITTEN}/w"
         if key not in self._maps:
             path = os.path.join(self.gen_dir(name), f"{side}{WRITTEN}")
@@ -412,7 +686,8 @@ class PerturbationCacheStore:
         return self._maps[key]
 
     def written_flags(self, name: str, side: str) -> Optional[np.ndarray]:
-        """M bools: which cached rows a batch wrote in this generation (None: unknown)."""
+        """M bools: which cached rows a batch wrote in this generation, as of the last
+        merge of its shards (None: unknown)."""
         flags = self._written_map(name, side)
         return None if flags is None else np.asarray(flags) != 0
 
@@ -425,9 +700,20 @@ class PerturbationCacheStore:
                 os.remove(path)
 
     def flush(self, name: str) -> None:
+        """Make this process's writes to generation ``name`` durable: memory maps and its
+        shards (fsync, and the directory that holds them)."""
         for key, m in self._maps.items():
             if key.startswith(name + "/") and isinstance(m, np.memmap):
                 m.flush()
+        shards = [s for k, s in self._shards.items() if k[0] == name]
+        for shard in shards:
+            os.fsync(shard.fd)
+        if shards:
+            fd = os.open(self.gen_dir(name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def token_file(self, name: str, side: str) -> np.memmap:
         return self._map(name, side, writable=False)

@@ -12,8 +12,10 @@ Nothing here knows about fairseq. Conventions used throughout:
   :func:`scatter_rows` / :func:`gather_rows` convert between the two forms.
 """
 
+import math
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,21 +90,61 @@ def ascent_step(
 # ----------------------------------------------------------------------------
 
 
-def scatter_rows(rows: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Place per-sample rows (``len_b x C``, in batch order) on the real positions of
-    a padded ``B x T x C`` tensor. Works for left and right padding alike because
-    boolean-mask assignment walks positions in row-major order."""
-    assert len(rows) == mask.size(0), f"{len(rows)} rows for a batch of {mask.size(0)}"
-    lengths = mask.sum(dim=1).tolist()
-    for b, (r, n) in enumerate(zip(rows, lengths)):
-        assert r.size(0) == n, (
-            f"sample {b} has {n} real tokens but its cached row has {r.size(0)}; "
-            "the cache does not belong to this data"
-        )
-    dim = rows[0].size(-1)
-    out = torch.zeros(mask.size(0), mask.size(1), dim, dtype=torch.float32, device=mask.device)
-    out[mask] = torch.cat([r.float().to(mask.device) for r in rows], dim=0)
-    return out
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` in one copy that lets the host run ahead: through
+    pinned memory, non-blocking (a copy from pageable memory waits for the device)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def check_lengths(lengths: Sequence[int], mask: torch.Tensor) -> None:
+    """Sample b has ``lengths[b]`` real tokens in ``mask``: checked exactly on the host;
+    on an accelerator by an asynchronous device assert (no sync; fatal if it fails)."""
+    assert len(lengths) == mask.size(0), f"{len(lengths)} rows for a batch of {mask.size(0)}"
+    if mask.device.type == "cpu":
+        for b, (n, r) in enumerate(zip(mask.sum(dim=1).tolist(), lengths)):
+            assert r == n, (
+                f"sample {b} has {n} real tokens but its cached row has {r}; "
+                "the cache does not belong to this data"
+            )
+        return
+    want = to_device(torch.as_tensor(list(lengths), dtype=torch.int64), mask.device)
+    torch._assert_async(mask.sum(dim=1).eq(want).all(),
+                        "a cached row and its sample differ in length: the cache does not belong to this data")
+
+
+def _row_index(mask: torch.Tensor) -> torch.Tensor:
+    """B x T: the index of each real position among all real tokens of the batch in
+    row-major order (what ``tensor[mask]`` would give), computed without a sync."""
+    counts = mask.long().cumsum(dim=1)
+    starts = counts[:, -1:].cumsum(dim=0) - counts[:, -1:]
+    return counts.sub_(1).add_(starts)
+
+
+def place_rows(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``out[mask] = flat`` for ``flat`` on ``mask``'s device (``N x C``, all samples'
+    rows concatenated in batch order; N must be ``mask.sum()``), padding 0, as a gather:
+    boolean-mask indexing would wait for the device to count the mask."""
+    batch, length = mask.shape
+    if flat.size(0) == 0:
+        return flat.new_zeros(batch, length, flat.size(-1))
+    index = _row_index(mask).clamp_(0, flat.size(0) - 1).view(-1)
+    return flat.index_select(0, index).view(batch, length, -1).mul_(mask.unsqueeze(-1))
+
+
+def scatter_rows(rows: Sequence, mask: torch.Tensor) -> torch.Tensor:
+    """Place per-sample rows (``len_b x C`` tensors or arrays, in batch order) on the real
+    positions of a padded float32 ``B x T x C`` tensor on ``mask``'s device; left and right
+    padding alike. Host rows go in one concatenated, pinned, non-blocking copy."""
+    check_lengths([int(r.shape[0]) for r in rows], mask)
+    rows = [torch.as_tensor(r) for r in rows]
+    if all(r.device.type == "cpu" for r in rows):
+        flat = to_device(torch.cat(rows, dim=0), mask.device)
+    else:
+        flat = torch.cat([r.to(mask.device) for r in rows], dim=0)
+    return place_rows(flat.float(), mask)
 
 
 def gather_rows(delta: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
@@ -111,22 +153,56 @@ def gather_rows(delta: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
     return list(torch.split(delta[mask], lengths, dim=0))
 
 
+def rows_to_host(delta: torch.Tensor, mask: torch.Tensor, lengths: Sequence[int]) -> List[np.ndarray]:
+    """:func:`gather_rows` as host float32 arrays, in one device-to-host copy (the one sync
+    that getting values to the host costs); ``lengths``: each sample's real tokens, as
+    the host knows them (checked as in :func:`scatter_rows`)."""
+    check_lengths(lengths, mask)
+    total, dim = int(sum(lengths)), delta.size(-1)
+    # each real position to its row of the packed N x C tensor; padding to a spare row N
+    dest = torch.where(mask, _row_index(mask), total).view(-1)
+    packed = delta.new_zeros(total + 1, dim).index_copy_(0, dest, delta.detach().reshape(-1, dim))
+    flat = packed[:total].float().cpu().numpy()
+    return np.split(flat, np.cumsum(lengths)[:-1].astype(np.int64), axis=0)
+
+
 # ----------------------------------------------------------------------------
-# seeded initialisation
+# seeded initialisation: a counter-based generator, on the batch's device
 # ----------------------------------------------------------------------------
+#
+# Every random number of a sample's initial perturbation is a hash of (seed, sample id,
+# epoch, side, stream, counter), not a draw from a generator's state: a sample gets the
+# same noise whichever rank, batch, position in the batch or padding side it has, and the
+# whole batch takes a few elementwise tensor ops on its own device (no per-sample host
+# loop, no host-to-device copy, no device sync). The hash is SplitMix64: random word i of
+# a stream is SplitMix64's output number i for the stream's seed (the generator behind
+# Java's SplittableRandom, which passes BigCrush), computed for any i directly. On one
+# device the values are bit for bit the same in any batch; across devices (CPU vs CUDA)
+# only the last bits of log/cos/sin may differ.
 
 _MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
+_MIX64 = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # SplitMix64's finaliser
+# the streams of one sample: counters below 2**40, the stream number above them
+_STREAM_BITS = 40
+_STREAM_GAUSS, _STREAM_UNIFORM, _STREAM_RADIUS = 0, 1, 2
+# gaussian coordinates are whole multiples of 2**-14: their squared norms are then sums of
+# integers, exact for any order of summation (hence the same in any batch layout); with
+# |z| < 5.8 a sentence of up to 2**29 coordinates keeps its sum below 2**63
+_QUANT = 2 ** 14
+_MAX_COORDS = 2 ** 29
 
 
 def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = (x + _GOLDEN64) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX64[0]) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX64[1]) & _MASK64
     return x ^ (x >> 31)
 
 
 def sample_seed(seed: int, sample_id: int, epoch: int, side: int) -> int:
-    """A 63-bit seed for one sample's initial perturbation.
+    """A 63-bit key for one sample's initial perturbation (the reference, in Python
+    integers, of :func:`sample_keys`).
 
     Depends only on (seed, sample id, epoch, side): the same sample starts from the
     same noise whichever rank, batch or accumulation step it lands in.
@@ -137,39 +213,70 @@ def sample_seed(seed: int, sample_id: int, epoch: int, side: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def init_rows(
-    length: int,
-    dim: int,
-    generator: torch.Generator,
-    init: str,
-    scale: float,
-    norm: str,
-    granularity: str,
-) -> torch.Tensor:
-    """Initial perturbation of one sentence side, ``length x dim`` float32.
+def random_word(key: int, stream: int, counter: int) -> int:
+    """Random word ``counter`` of ``stream`` of the sample with ``key`` (the reference, in
+    Python integers, of what :func:`seeded_init` computes on tensors)."""
+    return _splitmix64((key + ((stream << _STREAM_BITS) + counter) * _GOLDEN64) & _MASK64)
 
-    ``uniform``: uniformly distributed inside the ball of radius ``scale`` (of the
-    chosen norm and granularity); ``normal``: i.i.d. N(0, scale^2) per coordinate.
-    """
-    _check(norm, granularity)
-    assert init in INITS, f"init must be one of {INITS}, got {init!r}"
-    if init == "normal":
-        return torch.randn(length, dim, generator=generator) * scale
-    if norm == "linf":
-        return (torch.rand(length, dim, generator=generator) * 2 - 1) * scale
-    # uniform in an l2 ball of n dimensions: gaussian direction, radius r * U^(1/n)
-    if granularity == "sentence":
-        n = length * dim
-        z = torch.randn(length, dim, generator=generator)
-        u = torch.rand((), generator=generator)
-        return z / z.norm().clamp_min(_TINY) * scale * u.pow(1.0 / n)
-    z = torch.randn(length, dim, generator=generator)
-    u = torch.rand(length, 1, generator=generator)
-    return z / z.norm(dim=1, keepdim=True).clamp_min(_TINY) * scale * u.pow(1.0 / dim)
+
+def _signed(v: int) -> int:
+    """The int64 (two's complement) value with the low 64 bits of ``v``."""
+    v &= _MASK64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 words (``>>`` of a signed tensor is arithmetic)."""
+    return (x >> k).bitwise_and_((1 << (64 - k)) - 1)
+
+
+def _splitmix64_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_splitmix64` of every element of an int64 tensor, in place. int64 addition
+    and multiplication wrap around (two's complement), i.e. they are arithmetic mod 2**64;
+    the tests check the bits against the Python reference."""
+    x.add_(_signed(_GOLDEN64))
+    x.bitwise_xor_(_shr(x, 30)).mul_(_signed(_MIX64[0]))
+    x.bitwise_xor_(_shr(x, 27)).mul_(_signed(_MIX64[1]))
+    return x.bitwise_xor_(_shr(x, 31))
+
+
+def sample_keys(sample_ids: torch.Tensor, seed: int, epoch: int, side: int) -> torch.Tensor:
+    """:func:`sample_seed` of every sample id (an int tensor), on the ids' device."""
+    h = _splitmix64(int(seed) & _MASK64)  # the constant prefix, on the host
+    h = _splitmix64_(sample_ids.long() ^ _signed(h))
+    h = _splitmix64_(h.bitwise_xor_(_signed(int(epoch))))
+    h = _splitmix64_(h.bitwise_xor_(_signed(int(side))))
+    return h.bitwise_and_((1 << 63) - 1)
+
+
+def _words(keys: torch.Tensor, stream: int, counter: torch.Tensor) -> torch.Tensor:
+    """:func:`random_word` for int64 ``keys`` broadcast with int64 ``counter``."""
+    x = torch.add(counter * _signed(_GOLDEN64), keys).add_(_signed((stream << _STREAM_BITS) * _GOLDEN64))
+    return _splitmix64_(x)
+
+
+def _unit(words: torch.Tensor, high: bool = True) -> torch.Tensor:
+    """float32 uniforms in [0, 1) on a 2**-24 grid from 24 bits of each word: bits
+    40-63 (``high``) or 16-39."""
+    bits = _shr(words, 40) if high else (words >> 16).bitwise_and_(0xFFFFFF)
+    return bits.float().mul_(2.0 ** -24)
+
+
+def _gaussian_units(keys: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """``N x dim`` standard gaussians in units of 2**-14 (integer-valued float32) for N
+    tokens: token i is the ``pos[i]``-th of the sample with key ``keys[i]`` (both ``N x 1``
+    int64). Box-Muller on pairs: word j of a token gives its coordinates j (cosine) and
+    ``pairs + j`` (sine); the last sine is dropped when dim is odd."""
+    pairs = (dim + 1) // 2
+    words = _words(keys, _STREAM_GAUSS, torch.arange(pairs, device=pos.device).add(pos * pairs))  # N x pairs
+    radius = _unit(words).neg_().add_(1.0).log_().mul_(-2.0).sqrt_().mul_(_QUANT)  # U in (0, 1]
+    angle = _unit(words, high=False).mul_(2 * math.pi)
+    z = torch.cat((torch.cos(angle).mul_(radius), angle.sin_().mul_(radius)), dim=1)
+    return (z if dim == 2 * pairs else z[:, :dim].contiguous()).round_()
 
 
 def seeded_init(
-    sample_ids: Sequence[int],
+    sample_ids,
     mask: torch.Tensor,
     dim: int,
     seed: int,
@@ -179,15 +286,76 @@ def seeded_init(
     scale: float,
     norm: str,
     granularity: str,
+    compact: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Initial ``B x T x C`` perturbation of a batch, each sample from its own seed."""
-    lengths = mask.sum(dim=1).tolist()
-    gen = torch.Generator()
-    rows = []
-    for sid, n in zip(sample_ids, lengths):
-        gen.manual_seed(sample_seed(seed, sid, epoch, side))
-        rows.append(init_rows(int(n), dim, gen, init, scale, norm, granularity))
-    return scatter_rows(rows, mask)
+    """Initial ``B x T x C`` float32 perturbation of a batch, on ``mask``'s device, each
+    sample from its own key (:func:`sample_keys`); ``sample_ids`` is a sequence or an int
+    tensor (on any device). Token ``p`` of a sample (its ``p``-th real token, whatever the
+    padding) always gets the same values.
+
+    ``uniform``: uniformly distributed inside the ball of radius ``scale`` (of the chosen
+    norm and granularity): l2, a gaussian direction times ``scale * U^(1/n)`` (n the
+    ball's dimension); l_inf, i.i.d. U(-scale, scale) per coordinate. ``normal``: i.i.d.
+    N(0, scale^2) per coordinate.
+
+    ``compact``: generate the real tokens only (default on the host) or every position
+    (default on an accelerator: no sync); both give the same values.
+    """
+    _check(norm, granularity)
+    assert init in INITS, f"init must be one of {INITS}, got {init!r}"
+    device = mask.device
+    batch, length = mask.shape
+    assert length * dim < _MAX_COORDS, f"{length} tokens x {dim} channels: more than 2**29 coordinates"
+    ids = torch.as_tensor(sample_ids, dtype=torch.int64)
+    assert ids.shape == (batch,), f"{tuple(ids.shape)} ids for a batch of {batch}"
+    keys = sample_keys(ids.to(device, non_blocking=True), seed, epoch, side)  # B
+    pos = mask.long().cumsum(dim=1).sub_(1)  # p-th real token of its sample
+    if compact if compact is not None else device.type == "cpu":
+        # on the host, where indexing costs no sync: the real tokens only
+        of_sample, at = mask.nonzero(as_tuple=True)
+        pos = pos[of_sample, at]
+        real = None
+    else:
+        # on an accelerator every position (padding zeroed below): no nonzero(), no sync
+        of_sample = torch.arange(batch, device=device).repeat_interleave(length)
+        pos = pos.clamp_min_(0).view(-1)
+        real = mask.view(-1, 1)
+    pos = pos.unsqueeze(1)  # N x 1
+    token_keys = keys[of_sample].unsqueeze(1)  # N x 1
+
+    def batched(rows: torch.Tensor) -> torch.Tensor:  # N x C -> B x T x C (padding rows already 0)
+        if real is not None:
+            return rows.view(batch, length, dim)
+        out = rows.new_zeros(batch, length, dim)
+        out[mask] = rows
+        return out
+
+    def zero_padding(rows: torch.Tensor) -> torch.Tensor:
+        return rows if real is None else rows.mul_(real)
+
+    if init == "uniform" and norm == "linf":
+        counter = torch.arange(dim, device=device).add(pos * dim)
+        rows = _unit(_words(token_keys, _STREAM_UNIFORM, counter)).mul_(2.0 * scale).sub_(scale)
+        return batched(zero_padding(rows))
+    units = zero_padding(_gaussian_units(token_keys, pos, dim))  # N x C: integers, in units of 2**-14
+    if init == "normal":
+        return batched(units.mul_(scale / _QUANT))
+    # uniform in an l2 ball of n dimensions: gaussian direction, radius scale * U^(1/n).
+    # Squared norms from the integer units: exact (in float64 per token, C * 94536**2 < 2**53;
+    # in int64 per sentence), hence the same in any batch whatever the order of summation
+    sq = units.double().square_().sum(dim=1).long()  # N
+    if granularity == "sentence":
+        sq = torch.zeros(batch, dtype=torch.int64, device=device).index_add_(0, of_sample, sq)
+        n = mask.sum(dim=1) * dim
+        u = _unit(_words(keys, _STREAM_RADIUS, torch.zeros_like(keys)))  # B
+    else:
+        n = torch.full_like(sq, dim)
+        u = _unit(_words(token_keys, _STREAM_RADIUS, pos)).view(-1)  # N
+    norms = sq.double().sqrt_().clamp_min_(1.0)  # in units of 2**-14: a nonzero norm is >= 1
+    factor = u.double().pow(1.0 / n.clamp_min(1).double()).mul_(scale).div_(norms).float()
+    if granularity == "sentence":
+        factor = factor[of_sample]
+    return batched(units.mul_(factor.unsqueeze(1)))
 
 
 # ----------------------------------------------------------------------------
@@ -195,15 +363,31 @@ def seeded_init(
 # ----------------------------------------------------------------------------
 
 
+def real_rows(keep: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of the True entries of the flat bool tensor ``keep``, in order, given
+    their number ``count`` as the host knows it: ``keep.nonzero()`` without the sync that
+    counting them on the device costs (checked: exactly on the host, asynchronously on a
+    device)."""
+    if keep.device.type == "cpu":
+        assert int(keep.sum()) == count, f"{int(keep.sum())} real rows, but the caller counted {count}"
+    else:
+        torch._assert_async(keep.sum() == count, "divergence(): the real rows are not the count given")
+    # a stable sort puts the real rows (key 0) first, in their order
+    return torch.sort(keep.logical_not().to(torch.uint8), stable=True).indices[:count]
+
+
 def divergence(
     teacher_lprobs: torch.Tensor,
     student_lprobs: torch.Tensor,
     mask: torch.Tensor,
     kind: str = "forward",
+    count: Optional[int] = None,
 ) -> torch.Tensor:
     """Token-summed divergence between the clean (teacher) and perturbed (student)
     output distributions, over real target tokens only. Inputs are log-probs of any
     shape ``... x V``; ``mask`` has the shape without V. Computed in float32.
+    ``count``: ``mask.sum()`` when the caller knows it on the host (fairseq's
+    ``ntokens``): the padding rows are then dropped without a device sync.
 
     ``forward``: KL(p || q) with p the clean prediction (the paper's R_adv);
     ``symmetric``: (KL(p || q) + KL(q || p)) / 2.
@@ -211,8 +395,9 @@ def divergence(
     v = teacher_lprobs.size(-1)
     keep = mask.reshape(-1)
     # padding rows first: the vocabulary-wide ops below are the regularizer's main cost
-    p_log = teacher_lprobs.reshape(-1, v)[keep].float()
-    q_log = student_lprobs.reshape(-1, v)[keep].float()
+    rows = keep.nonzero().squeeze(1) if count is None else real_rows(keep, int(count))
+    p_log = teacher_lprobs.reshape(-1, v).index_select(0, rows).float()
+    q_log = student_lprobs.reshape(-1, v).index_select(0, rows).float()
     kl_pq = F.kl_div(q_log, p_log, reduction="sum", log_target=True)
     if kind == "forward":
         return kl_pq

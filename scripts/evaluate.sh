@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Evaluate a recipe's best checkpoint on its test set (docs/recipes.md): fairseq-generate with the
-# paper's Table 7 beam / length penalty, fairseq's tokenised BLEU, then detokenised sacreBLEU with
-# its signature.
+# paper's Table 7 beam / length penalty; tokenised BLEU against the prepared text/test.* (the metric of
+# Tables 2-3; WMT'16 also compound-split, as Ott et al. 2018), then detokenised sacreBLEU against the
+# release's text with its signature.
 #
-#   bash scripts/evaluate.sh DATASET [--direction DIR] [--method M] [--data DIR]
+#   bash scripts/evaluate.sh DATASET [--direction DIR] [--method M] [--seed N] [--data DIR]
 #        [--checkpoint-dir DIR | --path CKPT] [--subset test|valid] [--smoke] [-- EXTRA generate ARGS]
 #
 # DATASET: iwslt14 | iwslt15 | iwslt16 | wmt16. Defaults match scripts/train-DATASET.sh.

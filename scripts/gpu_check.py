@@ -9,7 +9,7 @@ Checks (each line: ``[gpu-check] <check> ok|FAIL|skip <what was measured>``):
   device    torch, CUDA, the GPU(s), which faiss is installed and whether it has GPU support
   search    the neighbour search on the GPU (tiled torch matmul; faiss-gpu when installed) against
             the CPU search: same top-1 neighbours, and the similarity blocks within their budget
-  train-*   fp32 / --fp16 / --amp / --bf16: ARCH trains 2 epochs of Multi30k (a refresh epoch, the
+  train-*   fp32 / --fp16 / --amp (--bf16 on request: fairseq 0.12 ties it to TPUs): ARCH trains 2 epochs of Multi30k (a refresh epoch, the
             cache finalised with the GPU search, a reuse epoch) with transformer_iwslt_de_en; the
             ascent moves delta away from its random start (mean ||delta_S - delta_0|| / eps over
             the refresh batches), no batch skipped, finite losses
@@ -247,6 +247,10 @@ def train_run(data, save, smoke, extra=()):
 
 
 PRECISIONS = {"fp32": [], "fp16": ["--fp16"], "amp": ["--amp"], "bf16": ["--bf16"]}
+# fairseq 0.12's --bf16 "implies --tpu": on CUDA it stops before training (AttributeError:
+# 'NoneType' object has no attribute 'xla_device', H200 run of 2026-11-26), whatever the
+# criterion; so it is not in the default list (--precisions fp32,fp16,amp,bf16 runs it anyway)
+DEFAULT_PRECISIONS = "fp32,fp16,amp"
 
 
 def check_train(data, work, mode, smoke):
@@ -320,9 +324,9 @@ def check_cost(work, out, smoke):
 
 
 @guarded("data")
-def prepare_data(work, smoke):
+def prepare_data(work, smoke, pairs):
     t0 = time.perf_counter()
-    pairs = 600 if smoke else 29_000
+    pairs = 600 if smoke else pairs
     data = common.multi30k_bin(work, pairs, n_eval=100 if smoke else 1014)
     line("data", "ok", f"Multi30k De-En, {pairs} training pairs, binarised in {time.perf_counter() - t0:.0f}s ({data})")
     return data
@@ -334,7 +338,9 @@ def main():
     ap.add_argument("--work", default="/tmp/arch-gpu-check", help="scratch space")
     ap.add_argument("--out", default=None, help="where the cost benchmark's report goes (default: <work>/cost)")
     ap.add_argument("--only", default="device,search,train,resume,ddp,cost", help="comma list of checks")
-    ap.add_argument("--precisions", default=",".join(PRECISIONS), help="train: comma list of fp32,fp16,amp,bf16")
+    ap.add_argument("--precisions", default=DEFAULT_PRECISIONS,
+                    help="train: comma list of fp32,fp16,amp,bf16 (bf16: fairseq 0.12 implies --tpu)")
+    ap.add_argument("--pairs", type=int, default=29_000, help="train: Multi30k training pairs (GPU runs)")
     args = ap.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
     only = set(args.only.split(","))
@@ -356,7 +362,7 @@ def main():
         check_search(smoke)
     data = None
     if only & {"train", "resume", "ddp"}:
-        data = prepare_data(args.work, smoke)
+        data = prepare_data(args.work, smoke, args.pairs)
         if data is None:
             only -= {"train", "resume", "ddp"}
     ref = None

@@ -2,7 +2,10 @@
 # Prepare IWSLT'15 En-Vi / Vi-En for the ARCH recipes (docs/recipes.md): raw release -> Moses tokenisation
 # (sacremoses) -> cleaning -> joint sentencepiece -> fairseq-preprocess --joined-dictionary.
 #
-#   bash scripts/prepare-iwslt15.sh [OUT] [--raw PATH ...] [--smoke] [--force]
+#   bash scripts/prepare-iwslt15.sh [OUT] [--raw PATH ...] [--valid-sets S,...] [--test-sets S,...] [--smoke] [--force]
+#
+# Sets: valid tst2012, test tst2013 (Stanford's files); Table 4's valid has 768 pairs, which these
+# files cannot give (docs/recipes.md). The sizes are printed beside Table 4, with a WARNING when they differ.
 #
 # OUT defaults to data/iwslt15 (data/iwslt15-smoke with --smoke). --raw: the release archive(s), files or a
 # directory holding them; without it the public sources are downloaded (needs network). The

@@ -2,7 +2,11 @@
 # Prepare WMT'16 En-De for the ARCH recipes (docs/recipes.md): raw release -> Moses tokenisation
 # (sacremoses) -> cleaning -> joint sentencepiece -> fairseq-preprocess --joined-dictionary.
 #
-#   bash scripts/prepare-wmt16.sh [OUT] [--raw PATH ...] [--smoke] [--force]
+#   bash scripts/prepare-wmt16.sh [OUT] [--raw PATH ...] [--style ott2018|wmt14] [--smoke] [--force]
+#
+# --style ott2018 (default): as Ott et al. 2018 / Google's wmt16_en_de archive (which --raw also takes):
+# no -a, no punctuation normalisation, clean 1-80 tokens, joint 32k BPE pieces. --style wmt14: the
+# earlier pipeline (fairseq's prepare-wmt14en2de.sh: normalised, -a, clean 1-250, ratio 1.5).
 #
 # OUT defaults to data/wmt16 (data/wmt16-smoke with --smoke). --raw: the release archive(s), files or a
 # directory holding them; without it the public sources are downloaded (needs network). The

@@ -48,16 +48,34 @@ def test_cost_benchmark_reports_every_method_and_the_goals(tmp_path):
         f, b = r["fwd_bwd"]
         assert r["predicted_vs_none"] == pytest.approx((f * t_f + b * t_b + t_o) / (t_f + t_b + t_o)), m
     assert rows["smart"]["fwd_bwd"] == [steps + 2, steps + 1] and rows["arch-reuse"]["fwd_bwd"] == [2, 1]
-    # the printed table is these measurements (3 decimals for seconds, 2 for ratios)
+    # peak memory: ratios of the measured peaks; ARCH's run peak = its larger update's; the
+    # joint backward (as before the early clean backward) measured for the methods it changes
+    peak = {m: r["peak_mib"] for m, r in rows.items()}
+    assert all(p > 0 for p in peak.values()), peak
+    for m, r in rows.items():
+        assert r["peak_vs_none"] == pytest.approx(peak[m] / peak["none"]), m
+        if m in ("none", "freelb", "rdrop"):
+            assert r["peak_joint_mib"] is None and r["peak_joint_vs_none"] is None, m
+        else:
+            assert r["peak_joint_vs_none"] == pytest.approx(r["peak_joint_mib"] / peak["none"]), m
+            assert peak[m] < r["peak_joint_mib"], f"{m}: the early backward did not lower the peak"
+    assert peak["arch (amortised)"] == max(peak["arch-refresh"], peak["arch-reuse"])
+    # the printed table is these measurements (3 decimals for seconds, 2 for ratios, 1 for MiB)
     printed = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[0] in rows:
-            printed[cells[0]] = (float(cells[1]), float(cells[2]), float(cells[3]))
+        if len(cells) == 11 and cells[0] in rows:
+            printed[cells[0]] = (float(cells[1]), float(cells[2]), float(cells[3]), float(cells[8]), float(cells[9]),
+                                 None if cells[10] == "-" else float(cells[10]))
     assert set(printed) == set(rows), out[-3000:]
-    for m, (s, x_none, x_smart) in printed.items():
+    for m, (s, x_none, x_smart, mib, peak_x, joint_x) in printed.items():
         assert s == pytest.approx(sec[m], abs=5e-4) and x_none == pytest.approx(rows[m]["vs_none"], abs=5e-3), m
         assert x_smart == pytest.approx(rows[m]["vs_smart"], abs=5e-3), m
+        assert mib == pytest.approx(peak[m], abs=0.05) and peak_x == pytest.approx(rows[m]["peak_vs_none"], abs=5e-3), m
+        assert joint_x == (None if rows[m]["peak_joint_vs_none"] is None else
+                           pytest.approx(rows[m]["peak_joint_vs_none"], abs=5e-3)), m
+    goal = re.search(r"\| peak memory per update, arch <= 1.15 x none \| ([0-9.]+) \| (yes|NO) \|", out)
+    assert goal and float(goal.group(1)) == pytest.approx(rows["arch (amortised)"]["peak_vs_none"], abs=5e-4), out[-3000:]
     share = res["cache_read_rebuild_share_of_reuse_update"]
     assert 0 < share < 1
     goal = re.search(r"\| ARCH amortised <= 0.5 x smart \| ([0-9.]+) \| (yes|NO) \|", out)

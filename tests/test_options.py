@@ -135,7 +135,9 @@ def _lprobs(model, net_input, delta=None):
 def test_adv_kl_chooses_the_logged_divergence(data_dir, tmp_path, monkeypatch, method, kl):
     """Each method against its non-default divergence (or arch's default): the logged
     regulariser is that KL of the clean and perturbed predictions, not the other one."""
-    task, model, crit = build(data_dir, tmp_path, ["--adv-method", method, "--adv-kl", kl])
+    # --seed 2: a draw of the initial noise where the two divergences differ measurably for
+    # all three (at seed 1 arch's forward and reverse KL agree to 2e-7 by chance)
+    task, model, crit = build(data_dir, tmp_path, ["--adv-method", method, "--adv-kl", kl, "--seed", "2"])
     task.begin_epoch(1, model)
     model.train()
     seen = record_deltas(crit, monkeypatch)

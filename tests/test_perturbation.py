@@ -111,9 +111,9 @@ def test_scatter_rejects_rows_of_the_wrong_length():
 
 @pytest.mark.parametrize("norm,gran", CASES)
 def test_uniform_init_is_inside_the_ball_and_not_degenerate(norm, gran):
-    g = torch.Generator().manual_seed(0)
-    rows = [P.init_rows(7, 16, g, "uniform", 0.1, norm, gran) for _ in range(200)]
     mask = torch.ones(1, 7, dtype=torch.bool)
+    # 200 samples' initial rows (the counter-based generator has no state to draw from)
+    rows = list(P.seeded_init(range(200), mask.expand(200, 7), 16, 0, 1, 0, "uniform", 0.1, norm, gran))
     norms = torch.cat([reference_norms(r[None], mask, norm, gran) for r in rows])
     assert (norms <= 0.1 + 1e-6).all()
     assert norms.min() > 0

@@ -6,6 +6,7 @@ YAML-vs-shell equivalence of the effective fairseq config."""
 import html
 import io
 import json
+import math
 import os
 import random
 import re
@@ -166,29 +167,57 @@ def test_prepare_iwslt15_stanford_files(tmp_path):
             (raw / f"{name}.{l}").write_text("\n".join(p[j].replace("'", " &apos;").replace(".", " .")
                                                        for p in ps) + "\n")
     out = tmp_path / "data"
-    ok(run("prepare-iwslt15.sh", out, "--raw", raw, "--smoke"))
+    res = run("prepare-iwslt15.sh", out, "--raw", raw, "--smoke")
+    ok(res)
     m = check_data_dir(out, "en", "vi")
     assert m["counts"] == {"train": 240, "valid": 30, "test": 30}
+    # Table 4's valid has 768 pairs, Stanford's tst2012 (here 30): printed side by side, and a warning
+    assert re.search(r"^  valid +30 +768  DIFFERS$", res.stdout, re.M), res.stdout
+    assert "WARNING: iwslt15 valid has 30 pairs, the paper's Table 4 768" in res.stderr
+    assert m["sets"] == {"valid": ["tst2012"], "test": ["tst2013"]} and len(m["table4_warnings"]) == 1
     assert lines(out / "text" / "test.vi") == lines(raw / "tst2013.vi")  # not re-tokenised
     assert "&apos;" not in (out / "ref" / "test.vi").read_text()  # detokenised reference
 
 
-def test_prepare_iwslt16_release_archive(tmp_path):
+def test_prepare_iwslt16_release_archive_and_table4_counts(tmp_path):
+    """The split-count logic on a miniature en-fr.tgz whose tst2013 has Table 4's 1080 valid pairs and
+    whose tst2014 has 1134 (Table 4: 1133 test): valid matches, test is printed as differing and warned
+    about; the counts are the release sets' (before the smoke cut to 50 pairs)."""
     pairs = raw_pairs(330, seed=3)
     names = ["TED.dev2010", "TED.tst2010", "TED.tst2011", "TED.tst2012", "TED.tst2013", "TED.tst2014"]
     sets = {n: pairs[270 + 10 * i:280 + 10 * i] for i, n in enumerate(names)}
+    sets["TED.tst2013"] = [pairs[(7 * i) % 330] for i in range(1080)]
+    sets["TED.tst2014"] = [pairs[(11 * i) % 330] for i in range(1134)]
     tgz = iwslt_release(str(tmp_path / "en-fr.tgz"), 16, "en", "fr", pairs[:270], sets)
     out = tmp_path / "data"
-    ok(run("prepare-iwslt16.sh", out, "--raw", tgz, "--smoke"))
+    res = run("prepare-iwslt16.sh", out, "--raw", tgz, "--smoke")
+    ok(res)
     m = check_data_dir(out, "en", "fr")
-    assert m["counts"]["valid"] == 40 and m["counts"]["test"] == 20 and m["lowercase"] is False
-    assert lines(out / "ref" / "test.fr") == [p[1] for n in names[4:] for p in sets[n]]
+    assert m["sets"] == {"valid": ["IWSLT16.TED.tst2013"], "test": ["IWSLT16.TED.tst2014"]}
+    assert m["counts"]["valid"] == m["counts"]["test"] == 50 and m["lowercase"] is False  # smoke cut
+    assert m["release_counts"]["valid"] == 1080 and m["release_counts"]["test"] == 1134
+    assert re.search(r"^  valid +1080 +1080  = Table 4$", res.stdout, re.M), res.stdout
+    assert re.search(r"^  test +1134 +1133  DIFFERS$", res.stdout, re.M), res.stdout
+    assert "WARNING: iwslt16 test has 1134 pairs, the paper's Table 4 1133: BLEU is not comparable" in res.stderr
+    assert "valid has" not in res.stderr and len(m["table4_warnings"]) == 1
+    assert lines(out / "ref" / "test.fr") == [p[1] for p in sets["TED.tst2014"][:50]]
     assert any(c.isupper() for c in (out / "text" / "train.en").read_text())  # cased
+    # other sets by name; a set the release does not have is refused before anything is read
+    res = run("prepare-iwslt16.sh", tmp_path / "d2", "--raw", tgz, "--smoke", "--valid-sets", "tst2017")
+    assert res.returncode == 2 and "no set 'TED.tst2017'" in res.stderr and not (tmp_path / "d2").exists()
+
+
+# WMT'16 lines that tell the preparation styles apart (at the head of europarl, inside the smoke cut):
+# a hyphenated compound (-a splits it only in --style wmt14), a 100-token pair (Ott et al.'s clean keeps
+# 1-80 tokens, wmt14 1-250) and a 1:2 length ratio (wmt14's -ratio 1.5 drops it, clean-corpus-n's default 9 not)
+WMT_SPECIAL = [("Die E-Mail-Adresse ist neu.", "The e-mail address is new."),
+               (" ".join(["Wort"] * 100), " ".join(["word"] * 100)),
+               ("Ja danke", "Yes , thank you very much")]
 
 
 def wmt16_release(d):
     d.mkdir()
-    pairs = raw_pairs(360, seed=4)
+    pairs = WMT_SPECIAL + raw_pairs(357, seed=4)
 
     def tgz(name, files):
         with tarfile.open(d / name, "w:gz") as tf:
@@ -210,12 +239,40 @@ def wmt16_release(d):
 
 
 def test_prepare_wmt16_archives(tmp_path):
+    """--style ott2018 (the default) from the WMT archives: Moses tokenisation without -a and without
+    punctuation normalisation, clean 1-80 tokens at ratio 9, sentencepiece BPE."""
     pairs = wmt16_release(tmp_path / "wmt")
     out = tmp_path / "data"
     ok(run("prepare-wmt16.sh", out, "--raw", tmp_path / "wmt", "--smoke"))
     m = check_data_dir(out, "en", "de")
     assert m["counts"]["valid"] == 30 and m["counts"]["test"] == 30 and 250 < m["counts"]["train"] <= 300
     assert lines(out / "ref" / "test.de") == [p[0] for p in pairs[330:]]  # the src-side sgm, unescaped
+    assert (m["style"], m["clean"], m["spm_model_type"]) == ("ott2018", {"max_len": 80, "ratio": 9.0}, "bpe")
+    de, en = lines(out / "text" / "train.de"), lines(out / "text" / "train.en")
+    assert "Die E-Mail-Adresse ist neu ." in de and "@-@" not in "\n".join(de)  # no -a
+    assert "Ja danke" in de and "Yes , thank you very much" in en  # ratio 2 kept (ratio 9)
+    assert max(len(x.split()) for x in de + en) <= 80  # the 100-token pair dropped
+    assert m["counts"]["train"] == 299
+
+
+def test_prepare_wmt16_google_archive(tmp_path):
+    """Google's preprocessed wmt16_en_de.tar.gz (what Ott et al. 2018 train on) is taken as is: its
+    tokenised text (not re-tokenised) and newstest2014.de as the untokenised reference."""
+    pairs = raw_pairs(120, seed=5)
+    tok = {"en": [p[1][:-1] + " ." for p in pairs], "de": [p[0][:-1] + " ." for p in pairs]}
+    with tarfile.open(tmp_path / "wmt16_en_de.tar.gz", "w:gz") as tf:
+        for l, j in (("en", 1), ("de", 0)):
+            add(tf, f"wmt16_de_en/train.tok.clean.{l}", "\n".join(tok[l][:80]) + "\n")
+            add(tf, f"wmt16_de_en/newstest2013.tok.{l}", "\n".join(tok[l][80:100]) + "\n")
+            add(tf, f"wmt16_de_en/newstest2014.tok.{l}", "\n".join(tok[l][100:]) + "\n")
+            add(tf, f"wmt16_de_en/newstest2014.{l}", "\n".join(p[j] for p in pairs[100:]) + "\n")
+    out = tmp_path / "data"
+    res = run("prepare-wmt16.sh", out, "--raw", tmp_path / "wmt16_en_de.tar.gz", "--smoke")
+    assert "Google preprocessed archive" in ok(res)
+    m = check_data_dir(out, "en", "de")
+    assert m["source"] == "google" and m["counts"] == {"train": 80, "valid": 20, "test": 20}
+    assert lines(out / "text" / "train.de") == tok["de"][:80] and lines(out / "text" / "test.de") == tok["de"][100:]
+    assert lines(out / "ref" / "test.de") == [p[0] for p in pairs[100:]]
 
 
 def test_prepare_fails_cleanly_on_truncated_missing_or_misaligned_input(tmp_path):
@@ -319,6 +376,14 @@ def test_train_iwslt14_smoke_then_resume_then_evaluate(iwslt14, tmp_path):
     save = tmp_path / "ckpt"
     first = ok(run("train-iwslt14.sh", "--smoke", "--data", out, "--save-dir", save, "--", "--max-epoch", "1"))
     assert "new run in" in first and "--cpu" in (save / "command.txt").read_text()
+    assert "effective batch 1000 tokens x 1 device(s) x update-freq 1 = 1000 tokens" in first
+    # the updates per epoch printed at start are fairseq's own count
+    upe = re.search(r"train: (\d+) updates per epoch at this batch", first).group(1)
+    assert re.search(rf"epoch 001: +{upe} / {upe} ", first), first[-3000:]
+    # checkpoint choice by validation BLEU (Table 7 decoding: beam 9, lenpen 1.5 for De-En)
+    assert re.search(r"\| valid \| epoch 001 \|.*\| bleu [0-9.]+ \|", first), first[-3000:]
+    assert re.search(r"Saved checkpoint .*checkpoint_best\.pt \(epoch 1 @ \d+ updates, score [0-9.]+\)", first)
+    assert json.load(open(save / "recipe.json"))["seed"] == 1
     assert (save / "checkpoint_last.pt").exists() and (save / "arch_cache" / "state.json").exists()
     assert "adv_fwd_per_batch 5" in first  # epoch 1 is a refresh: S=3 ascent steps
     second = ok(run("train-iwslt14.sh", "--smoke", "--data", out, "--save-dir", save))
@@ -336,10 +401,43 @@ def test_train_iwslt14_smoke_then_resume_then_evaluate(iwslt14, tmp_path):
 
     ev = ok(run("evaluate.sh", "iwslt14", "--smoke", "--data", out, "--checkpoint-dir", save))
     assert "beam 9, lenpen 1.5 (Table 7)" in ev
-    assert re.search(r"^fairseq \(tokenised\): .*BLEU4 = [0-9.]+", ev, re.M), ev
-    assert re.search(r"^sacreBLEU \(detokenised\) [0-9.]+", ev, re.M), ev
+    # tokenised BLEU against the prepared text/test.en (not the reference rebuilt from bin/)
+    assert re.search(rf"^BLEU \(tokenised, vs {re.escape(str(out))}/text/test.en; .*\) [0-9.]+", ev, re.M), ev
+    assert re.search(r"^sacreBLEU \(detokenised, vs .*/ref/test.en\) [0-9.]+", ev, re.M), ev
     assert "signature: nrefs:1|case:lc|eff:no|tok:13a" in ev
-    assert len(lines(save / "eval-test" / "hyp.detok.en")) == json.load(open(out / "manifest.json"))["counts"]["test"]
+    assert re.search(r"^fairseq-generate's BLEU4 .*BLEU4 = [0-9.]+", ev, re.M), ev
+    n = json.load(open(out / "manifest.json"))["counts"]["test"]
+    assert len(lines(save / "eval-test" / "hyp.detok.en")) == n
+    sc = json.load(open(save / "eval-test" / "scores.json"))
+    import score  # scripts/score.py: the BLEU of the hypotheses written, recomputed independently
+    assert sc["bleu"] == round(score.tokenized_bleu(lines(save / "eval-test" / "hyp.tok.en"),
+                                                    lines(out / "text" / "test.en")).score, 2)
+    assert sc["recipe"]["seed"] == 1 and isinstance(sc["at_length_limit"], int) and "bleu_compound_split" not in sc
+
+
+def test_hydra_yaml_run_dir_resumes_and_evaluate_finds_it(iwslt14, tmp_path):
+    """fairseq-hydra-train with the YAML's own hydra.run.dir (checkpoints/iwslt14-de-en-arch-seed1 under
+    the launch dir): the checkpoints land there, the same command again resumes from them, and
+    evaluate.sh's default checkpoint is that dir's checkpoint_best.pt."""
+    out, _, res = iwslt14
+    ok(res)
+    env = dict(ENV, ARCH_NUM_GPUS="0")
+    smoke = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), "iwslt14", "--hydra", "--smoke",
+                       "--data", str(out), "--print-args"], env=env, capture_output=True, text=True)
+    cmd = [x for x in json.loads(smoke.stdout) if not x.startswith("hydra.run.dir=")] + ["optimization.max_epoch=1"]
+    first = utils.run(cmd, env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    run_dir = tmp_path / "checkpoints" / "iwslt14-de-en-arch-seed1"
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (run_dir / "checkpoint_last.pt").exists() and (run_dir / "checkpoint_best.pt").exists()
+    assert (run_dir / "arch_cache" / "state.json").exists() and not (tmp_path / "outputs").exists()
+    again = utils.run(cmd, env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    log = again.stdout + again.stderr
+    assert again.returncode == 0 and re.search(r"Loaded checkpoint \./checkpoint_last\.pt \(epoch 2 @ \d+ updates\)",
+                                               log), log[-3000:]
+    ev = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", "evaluate.py"), "iwslt14", "--data", str(out),
+                    "--print-args"], env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    path = json.loads(ev.stdout)[json.loads(ev.stdout).index("--path") + 1]
+    assert (tmp_path / path) == run_dir / "checkpoint_best.pt"
 
 
 def test_train_and_evaluate_print_paper_settings():
@@ -352,21 +450,35 @@ def test_train_and_evaluate_print_paper_settings():
 
     a, cmd = args("train.py", "iwslt14")
     assert a["--arch"] == "transformer_iwslt_de_en" and a["--update-freq"] == "16" and "--cpu" in cmd
+    assert a["--max-epoch"] == "150" and "--max-update" not in a and a["--warmup-updates"] == "4000"
+    assert a["--save-dir"] == "checkpoints/iwslt14-de-en-arch-seed1" and a["--seed"] == "1"
+    assert a["--ddp-backend"] == "legacy_ddp"
     assert a["--adam-betas"] == "(0.9, 0.98)" and a["--lr"] == "1e-3" and a["--label-smoothing"] == "0.1"
     assert (a["--adv-eps"], a["--adv-steps"], a["--adv-step-size"], a["--arch-refresh-interval"], a["--arch-ema"],
             a["--arch-cache-fraction"], a["--arch-neighbors"]) == ("0.1", "3", "0.1", "15", "0.01", "0.1", "1")
     a, cmd = args("train.py", "wmt16", "--method", "smart", "--", "--max-update", "7", gpus="8")
     assert a["--arch"] == "transformer_vaswani_wmt_en_de_big" and a["--adv-method"] == "smart"
     assert int(a["--max-tokens"]) * 8 * int(a["--update-freq"]) >= 450000 and "--fp16" in cmd
-    assert cmd[-2:] == ["--max-update", "7"]
+    assert cmd[-2:] == ["--max-update", "7"] and cmd[cmd.index("--max-update") + 1] == "30000"
+    assert "--max-epoch" not in a  # WMT'16: an update budget (the `--` argument, last, overrides it)
     for ds, d, beam, lp in (("iwslt15", "en-vi", "10", "1.0"), ("iwslt15", "vi-en", "15", "0.3"),
                             ("iwslt14", "en-de", "10", "1.5"), ("iwslt14", "de-en", "9", "1.5"),
                             ("iwslt16", "en-fr", "10", "0.2"), ("iwslt16", "fr-en", "10", "2.0"),
                             ("wmt16", "en-de", "4", "0.6")):
-        a, _ = args("evaluate.py", ds, "--direction", d)
-        assert (a["--beam"], a["--lenpen"]) == (beam, lp) and a["--path"].endswith("checkpoint_best.pt")
+        a, cmd = args("evaluate.py", ds, "--direction", d, "--seed", "3")
+        assert (a["--beam"], a["--lenpen"]) == (beam, lp)
+        assert a["--path"] == f"checkpoints/{ds}-{d}-arch-seed3/checkpoint_best.pt"
+        assert "--max-len-a" not in cmd and "--max-len-b" not in cmd
+        # the checkpoint is chosen by validation BLEU with the same decoding, tokenised BLEU
+        t, cmd = args("train.py", ds, "--direction", d)
+        assert json.loads(t["--eval-bleu-args"]) == {"beam": float(beam) if "." in beam else int(beam),
+                                                     "lenpen": float(lp)}
+        assert (t["--best-checkpoint-metric"], t["--eval-bleu-detok"], t["--eval-bleu-remove-bpe"]) == (
+            "bleu", "space", "sentencepiece")
+        assert {"--eval-bleu", "--eval-tokenized-bleu", "--maximize-best-checkpoint-metric"} <= set(cmd)
     for script in ("prepare-iwslt14.sh", "prepare-iwslt15.sh", "prepare-iwslt16.sh", "prepare-wmt16.sh",
-                   "train-iwslt14.sh", "train-iwslt15.sh", "train-iwslt16.sh", "train-wmt16.sh", "evaluate.sh"):
+                   "train-iwslt14.sh", "train-iwslt15.sh", "train-iwslt16.sh", "train-wmt16.sh", "evaluate.sh",
+                   "train-seeds.sh"):
         assert "--smoke" in ok(run(script, "--help")), script
 
 
@@ -382,17 +494,31 @@ def effective(mode, args, cwd):
     return json.loads(m.group(1))
 
 
-@pytest.mark.parametrize("name,gpus", [("iwslt14_de_en", 1), ("iwslt15_vi_en", 1), ("wmt16_en_de", 8)])
-def test_yaml_and_shell_recipe_give_the_same_effective_settings(name, gpus, tmp_path):
+@pytest.mark.parametrize("name,gpus,computed", [("iwslt14_de_en", 1, False), ("iwslt15_vi_en", 3, True),
+                                                ("wmt16_en_de", 8, False)])
+def test_yaml_and_shell_recipe_give_the_same_effective_settings(name, gpus, computed, tmp_path):
+    """The YAML as written (the GPU count its update_freq assumes: 1 for IWSLT, 8 for WMT'16) and, for 3
+    GPUs, with the overrides that `train.py --hydra` computes, against the shell recipe for as many GPUs."""
     ds, s, t = name.split("_")
     data, save = str(tmp_path / "data"), str(tmp_path / "ckpt")
-    res = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), ds, "--direction", f"{s}-{t}",
-                          "--data", data, "--save-dir", save, "--print-args"],
-                         env=dict(ENV, ARCH_NUM_GPUS=str(gpus)), capture_output=True, text=True)
-    shell = effective("train", json.loads(res.stdout)[1:], str(tmp_path))
-    yaml = effective("hydra", ["--config-dir", os.path.join(utils.REPO, "configs", "recipes"), "--config-name", name,
-                               f"task.data={data}/bin", f"common.user_dir={utils.USER_DIR}", f"checkpoint.save_dir={save}",
-                               f"hydra.run.dir={tmp_path / 'hydra'}"], str(tmp_path))
+
+    def recipe(*extra):
+        res = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), ds, "--direction", f"{s}-{t}",
+                         "--data", data, "--save-dir", save, "--print-args", *extra],
+                        env=dict(ENV, ARCH_NUM_GPUS=str(gpus)), capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    shell = effective("train", recipe()[1:], str(tmp_path))
+    if computed:
+        hydra_cmd = recipe("--hydra")
+        assert f"optimization.update_freq=[{math.ceil(64000 / (4096 * gpus))}]" in hydra_cmd
+        args = hydra_cmd[1:] + [f"checkpoint.save_dir={save}"]
+    else:
+        args = ["--config-dir", os.path.join(utils.REPO, "configs", "recipes"), "--config-name", name,
+                f"task.data={data}/bin", f"common.user_dir={utils.USER_DIR}", f"checkpoint.save_dir={save}",
+                f"hydra.run.dir={tmp_path / 'hydra'}"]
+    yaml = effective("hydra", args, str(tmp_path))
     # the model as fairseq builds it from each (the YAML goes through hydra's defaults, the shell
     # through the named architecture's function)
     assert shell["built"] == yaml["built"]
@@ -412,3 +538,6 @@ def test_yaml_and_shell_recipe_give_the_same_effective_settings(name, gpus, tmp_
     assert yaml["optimizer"]["adam_betas"] == "(0.9, 0.98)" and yaml["optimization"]["lr"] == [0.001]
     batch = yaml["dataset"]["max_tokens"] * gpus * yaml["optimization"]["update_freq"][0]
     assert batch >= (450000 if ds == "wmt16" else 64000)
+    assert (yaml["checkpoint"]["best_checkpoint_metric"], yaml["checkpoint"]["maximize_best_checkpoint_metric"],
+            tk["eval_bleu"], tk["eval_tokenized_bleu"]) == ("bleu", True, True, True)
+    assert yaml["distributed_training"]["ddp_backend"] == "legacy_ddp"

@@ -35,6 +35,7 @@ The paper's Table 1 counts one forward fewer for smart and for ARCH's refresh ep
 (it does not count the forward at the random start): SMART 1+S, ARCH 2+(S-1)/Tc.
 """
 
+import logging
 import math
 from types import SimpleNamespace
 from dataclasses import dataclass, field
@@ -55,7 +56,12 @@ from omegaconf import II
 from ..injection import check_applied, perturbed_embeddings, unwrap_model
 from ..perturbation import ascent_step, divergence, project, seeded_init, sentence_norms
 
+logger = logging.getLogger(__name__)
+
 SIDE_IDS = {"source": 0, "target": 1}
+
+# methods that take gradients w.r.t. delta with torch.autograd.grad (their ascent)
+ASCENT_METHODS = ("smart", "freelb", "arch")
 
 
 METHODS = ("none", "r3f", "smart", "freelb", "arch", "rdrop")
@@ -93,6 +99,9 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
                              "neighbour-rebuilt rows and random deltas of the same norm induce on this many "
                              "fixed training sentences (eval mode; RNG and parameters untouched); 0 = off"})
     seed: int = II("common.seed")
+    # the model's precision: an R3F noise below its resolution is rounded away (see _warn_precision)
+    fp16: bool = II("common.fp16")
+    bf16: bool = II("common.bf16")
 
 
 def validate_adv_config(c) -> None:
@@ -132,6 +141,69 @@ def _gnorm_var(meters) -> float:
     return round(max(float(meters["gnorm_sq"].avg) - float(meters["gnorm"].avg) ** 2, 0.0), 5)
 
 
+# -- precision, activation checkpointing (issue 11) --------------------------------------
+
+# The ascent objective's scale when the backward runs in fp16 (--fp16, --amp): dynamic, as
+# torch's GradScaler, which starts at the same 2**15.
+ASCENT_SCALE_INIT = 2.0 ** 15
+ASCENT_SCALE_RETRIES = 4  # halvings (each a re-run of the ascent) before a batch is skipped
+ASCENT_SCALE_GROWTH = 200  # clean ascents in a row after which a reduced scale doubles back
+
+# R3F's noise against the model's precision. Measured (transformer_iwslt_de_en dims, C = 512,
+# fairseq's init; the noise as it reaches the layer-0 input embed_scale * (lookup + noise) +
+# positions, computed in the model's dtype): coordinates changed / cosine with the noise
+#   std 1e-5 (R3F's):  bf16  1.9% / 0.12    fp16 23.1% / 0.61
+#   std 1e-4:          bf16 28.8% / 0.67    fp16 83.1% / 0.98
+#   std 1e-3:          bf16 86.4% / 0.985   fp16 98.3% / 1.00
+# Below about finfo(dtype).eps / 8 (bf16 9.8e-4, fp16 1.2e-4) most of it is rounded away.
+# (--amp keeps the parameters, the lookup and the residual stream in fp32.)
+NOISE_FLOOR = {"--bf16": torch.finfo(torch.bfloat16).eps / 8, "--fp16": torch.finfo(torch.float16).eps / 8}
+
+
+def refuse_activation_checkpointing(method: str, flags) -> None:
+    """fairseq's activation checkpointing (reentrant) raises on torch.autograd.grad, which
+    the ascent of smart / freelb / arch takes w.r.t. delta: refuse it with the flag's name
+    instead of crashing in the first batch."""
+    if method in ASCENT_METHODS:
+        raise ValueError(
+            f"--adv-method {method} cannot run with {' / '.join(flags)}: fairseq's activation "
+            "checkpointing refuses torch.autograd.grad, which the ascent needs for its gradient "
+            f"w.r.t. delta. Drop {' / '.join(flags)} (or use --adv-method r3f, rdrop or none: no ascent)")
+
+
+def checkpointed(model) -> bool:
+    """Whether fairseq's checkpoint_wrapper wraps a module of ``model``."""
+    return any(hasattr(m, "precheckpoint_forward") for m in model.modules())
+
+
+def fp16_backward(model) -> bool:
+    """Whether ``model``'s backward runs in fp16 (fp16 parameters, --fp16; or fp16 autocast on
+    its device, --amp), where small gradients underflow. bf16 has fp32's exponent range."""
+    p = next(model.parameters())
+    if p.dtype == torch.float16:
+        return True
+    device = p.device.type
+    try:
+        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    except (TypeError, AttributeError):  # torch < 2.4: no device_type argument
+        if device == "cuda":
+            return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() == torch.float16
+        return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.float16
+
+
+def _warn_precision(crit, flag: Optional[str]) -> None:
+    """At start: --bf16 / --fp16 with an R3F noise below the dtype's resolution (NOISE_FLOOR)."""
+    if flag is None or crit.adv_method != "r3f" or crit.adv_init != "normal":
+        return
+    floor = NOISE_FLOOR[flag]
+    if crit.adv_init_scale < floor:
+        logger.warning(
+            f"--adv-method r3f with {flag}: its noise (std {crit.adv_init_scale:g}, --adv-init-scale) is "
+            f"below {flag[2:]}'s resolution at the embeddings it is added to: most of it is rounded away "
+            f"(measured at std 1e-5 with C=512: bf16 changes 1.9% of the layer-0 input's coordinates, fp16 23%). "
+            f"Use --adv-init-scale {floor:.0e} or more, or --amp / fp32, which keep the embeddings in fp32")
+
+
 def _register(name, dataclass):
     if name in CRITERION_REGISTRY:  # imported twice (pip install -e . + --user-dir)
         return lambda cls: cls
@@ -161,6 +233,8 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         adv_method="arch",
         adv_probe_sentences=0,
         seed=1,
+        fp16=False,
+        bf16=False,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         adv_method = str(adv_method)
@@ -197,6 +271,15 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         self.adv_probe_sentences = adv_probe_sentences
         if adv_probe_sentences > 0:
             self._install_probe_hook(task)
+        flags = getattr(task, "activation_checkpointing", None)  # set by arch_translation's build_model
+        if flags:
+            refuse_activation_checkpointing(adv_method, flags)
+        self._checked_models = set()  # ids of models checked for activation checkpointing
+        _warn_precision(self, "--bf16" if bf16 else "--fp16" if fp16 else None)
+        # --amp / --fp16: the ascent objective is multiplied by a scale of its own, so that
+        # its gradient survives the fp16 backward (see _ascent_scale)
+        self._ascent_scale_now = ASCENT_SCALE_INIT
+        self._ascent_clean_runs = 0
 
     def _install_probe_hook(self, task) -> None:
         """--adv-probe-sentences: run fairseq_arch.probe after the task's own begin_epoch
@@ -245,70 +328,120 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         return 1_000_000 + self._batches_seen
 
     def _init(self, core, sample, masks, key, project_to_ball=True):
-        """Seeded initial perturbation of every perturbed side (B x T x C, fp32)."""
-        ids = sample["id"].tolist()
+        """Seeded initial perturbation of every perturbed side (B x T x C, fp32), generated
+        on the batch's device from the ids there (no host round trip)."""
         dims = {"source": core.encoder.embed_tokens.embedding_dim,
                 "target": core.decoder.embed_tokens.embedding_dim}
         delta = {}
         for side in self.sides:
-            d = seeded_init(ids, masks[side].cpu(), dims[side], self.seed, key, SIDE_IDS[side],
+            d = seeded_init(sample["id"], masks[side], dims[side], self.seed, key, SIDE_IDS[side],
                             self.adv_init, self.adv_init_scale, self.adv_norm, self.adv_granularity)
-            d = d.to(masks[side].device)
             delta[side] = self.project(d, masks[side]) if project_to_ball else d
         return delta
 
-    def _ascent_scale(self, core) -> float:
-        # fp16 models: scale the objective so the ascent gradient does not underflow;
-        # the normalised step g/||g|| is invariant to the scale.
-        return 1024.0 if next(core.parameters()).dtype == torch.float16 else 1.0
+    def _real_tokens(self, sample) -> Optional[int]:
+        """The number of real target tokens as the host knows it (fairseq's ntokens), for
+        :func:`divergence` to drop the padding rows without a sync; None where the
+        target the loss sees is not the whole target (--ignore-prefix-size)."""
+        return sample.get("ntokens") if self.ignore_prefix_size == 0 else None
 
-    def _step(self, delta, grads, masks):
+    def _check_checkpointing(self, core) -> None:
+        """Any task (arch_translation refuses it at start, in build_model): the first ascent
+        on a model with fairseq's activation checkpointing raises, naming the flag."""
+        if id(core) not in self._checked_models:
+            if checkpointed(core):
+                refuse_activation_checkpointing(self.adv_method, ["--checkpoint-activations", "--offload-activations"])
+            self._checked_models.add(id(core))
+
+    def _ascent_scale(self, core) -> float:
+        """The factor on the ascent's objective: 1, but for an fp16 backward (--fp16, --amp),
+        where the KL's gradient w.r.t. delta (about 1e-4 in norm, spread over B x T x C
+        coordinates) underflows and the ascent would not move: there a dynamic scale of our
+        own (halved on a non-finite ascent, see _ascent_done). The normalised step
+        g / ||g|| does not depend on it."""
+        return self._ascent_scale_now if fp16_backward(core) else 1.0
+
+    def _step(self, delta, grads, masks, finite=None):
+        """One projected ascent step of every side. ``finite`` accumulates, on the device,
+        whether every gradient so far was finite: one check per ascent (_ascent_done), not a
+        host-device sync per step."""
         out = {}
         for side, g in zip(self.sides, grads):
-            if not torch.isfinite(g).all():
-                raise FloatingPointError("non-finite ascent gradient")
+            ok = torch.isfinite(g).all()
+            finite = ok if finite is None else finite & ok
             out[side] = ascent_step(delta[side].detach(), g, masks[side], self.adv_eps,
                                     self.adv_step_size, self.adv_norm, self.adv_granularity)
-        return out
+        return out, finite
+
+    def _ascent_done(self, finite, scale: float) -> bool:
+        """Whether an ascent ran on finite gradients (one sync). With a scale > 1 a
+        non-finite one halves the scale for a retry (False); a clean run of
+        ASCENT_SCALE_GROWTH ascents doubles it back. Raises FloatingPointError (the caller
+        skips the batch) when no retry is left."""
+        if finite is None or bool(finite):
+            if scale > 1.0 and self._ascent_scale_now < ASCENT_SCALE_INIT:
+                self._ascent_clean_runs += 1
+                if self._ascent_clean_runs >= ASCENT_SCALE_GROWTH:
+                    self._ascent_scale_now, self._ascent_clean_runs = self._ascent_scale_now * 2, 0
+            return True
+        self._ascent_clean_runs = 0
+        if scale <= 1.0:
+            raise FloatingPointError("non-finite ascent gradient")
+        # the scale persists: the next batches start from the reduced one
+        self._ascent_scale_now = max(1.0, scale / 2)
+        logger.info(f"adversarial ascent: non-finite gradient at scale {scale:g}, retrying at {self._ascent_scale_now:g}")
+        return False
 
     def _ascent(self, core, sample, teacher, tgt_mask, masks, key, counts):
         """Fresh perturbations: seeded init in the ball, then S projected ascent steps
         on the divergence, with gradients w.r.t. delta only (parameter .grad and DDP
-        hooks are not touched: ``core`` is the unwrapped model)."""
-        delta = self._init(core, sample, masks, key)
-        scale = self._ascent_scale(core)
-        for _ in range(self.adv_steps):
-            for side in self.sides:
-                delta[side] = delta[side].detach().requires_grad_(True)
-            out = self._perturbed_forward(core, sample["net_input"], delta)
-            counts["fwd"] += 1
-            student, _ = self._lprobs_fp32(core, out, sample)
-            obj = divergence(teacher, student, tgt_mask, self.adv_kl) * scale
-            grads = torch.autograd.grad(obj, [delta[s] for s in self.sides])
-            counts["bwd"] += 1
-            delta = self._step(delta, grads, masks)
-        return {s: d.detach() for s, d in delta.items()}
+        hooks are not touched: ``core`` is the unwrapped model). In fp16 the objective is
+        scaled (_ascent_scale), and an ascent that overflows is run again at half the scale,
+        at most ASCENT_SCALE_RETRIES times."""
+        self._check_checkpointing(core)
+        init = self._init(core, sample, masks, key)
+        for _ in range(ASCENT_SCALE_RETRIES + 1):
+            scale = self._ascent_scale(core)
+            delta, finite = dict(init), None
+            for _ in range(self.adv_steps):
+                for side in self.sides:
+                    delta[side] = delta[side].detach().requires_grad_(True)
+                out = self._perturbed_forward(core, sample["net_input"], delta)
+                counts["fwd"] += 1
+                student, _ = self._lprobs_fp32(core, out, sample)
+                obj = divergence(teacher, student, tgt_mask, self.adv_kl, self._real_tokens(sample)) * scale
+                grads = torch.autograd.grad(obj, [delta[s] for s in self.sides])
+                counts["bwd"] += 1
+                delta, finite = self._step(delta, grads, masks, finite)
+            if self._ascent_done(finite, scale):
+                return {s: d.detach() for s, d in delta.items()}
+        raise FloatingPointError(f"non-finite ascent gradient after {ASCENT_SCALE_RETRIES} smaller scales")
 
     def _freelb(self, model, sample, masks, counts):
         """FreeLB: the CE at S+1 perturbations, each one ascent step from the last;
-        the S+1 graphs share one backward, so parameter gradients are their mean."""
+        the S+1 graphs share one backward, so parameter gradients are their mean.
+        Scaled and retried in fp16 as _ascent."""
         core = unwrap_model(model)
-        delta = self._init(core, sample, masks, self._noise_key())
-        scale = self._ascent_scale(core)
-        losses, nlls = [], []
-        for t in range(self.adv_steps + 1):
-            for side in self.sides:
-                delta[side] = delta[side].detach().requires_grad_(True)
-            out = self._perturbed_forward(model, sample["net_input"], delta)
-            counts["fwd"] += 1
-            loss_t, nll_t = self.compute_loss(model, out, sample, reduce=True)
-            losses.append(loss_t)
-            nlls.append(nll_t.detach())
-            if t < self.adv_steps:
-                grads = torch.autograd.grad(loss_t * scale, [delta[s] for s in self.sides], retain_graph=True)
-                counts["bwd"] += 1
-                delta = self._step(delta, grads, masks)
-        return torch.stack(losses).mean(), torch.stack(nlls).mean(), {s: d.detach() for s, d in delta.items()}
+        self._check_checkpointing(core)
+        init = self._init(core, sample, masks, self._noise_key())
+        for _ in range(ASCENT_SCALE_RETRIES + 1):
+            scale = self._ascent_scale(core)
+            delta, finite, losses, nlls = dict(init), None, [], []
+            for t in range(self.adv_steps + 1):
+                for side in self.sides:
+                    delta[side] = delta[side].detach().requires_grad_(True)
+                out = self._perturbed_forward(model, sample["net_input"], delta)
+                counts["fwd"] += 1
+                loss_t, nll_t = self.compute_loss(model, out, sample, reduce=True)
+                losses.append(loss_t)
+                nlls.append(nll_t.detach())
+                if t < self.adv_steps:
+                    grads = torch.autograd.grad(loss_t * scale, [delta[s] for s in self.sides], retain_graph=True)
+                    counts["bwd"] += 1
+                    delta, finite = self._step(delta, grads, masks, finite)
+            if self._ascent_done(finite, scale):
+                return torch.stack(losses).mean(), torch.stack(nlls).mean(), {s: d.detach() for s, d in delta.items()}
+        raise FloatingPointError(f"non-finite ascent gradient after {ASCENT_SCALE_RETRIES} smaller scales")
 
     def _rdrop(self, model, sample, counts):
         """R-Drop: two forwards of the batch with dropout on, each with its own masks.
@@ -365,8 +498,8 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         core = unwrap_model(model)
         masks = {"source": net_input["src_tokens"].ne(self.padding_idx),
                  "target": net_input["prev_output_tokens"].ne(self.padding_idx)}
-        ids = sample["id"].tolist()
-        n = len(ids)
+        ids = sample["id"]  # stays on the device: the cache brings it to the host once, if needed
+        n = ids.numel()
         stats = {"arch_fresh": 0, "arch_cached": 0, "arch_rebuilt": 0, "adv_skipped": 0}
 
         if self.adv_method == "freelb":
@@ -396,6 +529,17 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True)
         teacher = lprobs.detach().float()
         tgt_mask = target.ne(self.padding_idx)
+        early_backward = getattr(self, "early_backward", None)  # armed by arch_translation's train_step
+        if early_backward is not None:
+            # Peak memory: the teacher is detached, so the CE's gradient is final already.
+            # Backpropagating it now (locally: the task holds off DDP's all-reduce) frees
+            # the clean graph before the ascent and the perturbed forward build theirs;
+            # the trainer's backward then runs through lambda * KL only. `loss` keeps its
+            # value: the logged and returned loss is still the total.
+            if not self.report_accuracy:
+                net_output = None  # the clean logits: read again only for the accuracy
+            early_backward(loss)
+            loss = loss.detach()
 
         skip = False
         cache = getattr(self.task, "arch_cache", None) if self.adv_method == "arch" else None
@@ -430,7 +574,7 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
             adv_output = self._perturbed_forward(model, net_input, delta)
             counts["fwd"] += 1
             student, _ = self._lprobs_fp32(model, adv_output, sample)
-            reg = divergence(teacher, student, tgt_mask, self.adv_kl)
+            reg = divergence(teacher, student, tgt_mask, self.adv_kl, self._real_tokens(sample))
             if not torch.isfinite(reg):
                 # never let a non-finite regulariser poison the model: drop it, count it
                 reg, skip = loss.new_zeros(()), True
@@ -441,10 +585,13 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
                              stats, net_output, model)
 
     def _outputs(self, sample, total, ls_loss, nll_loss, reg, delta, masks, counts, stats, net_output, model):
-        norm_sum, norm_count = 0.0, 0
+        # a tensor on every rank and batch, also with no delta (a skipped regulariser):
+        # fairseq syncs tensor and float log values in separate buffers, so a float on one
+        # rank and a tensor on another is a collective size mismatch (gloo aborts)
+        norm_sum, norm_count = torch.zeros((), dtype=torch.float32, device=total.device), 0
         for s, d in (delta or {}).items():
             norms = sentence_norms(d, masks[s])
-            norm_sum += float(norms.sum())
+            norm_sum = norm_sum + norms.sum()  # a tensor: summed by fairseq, no sync here
             norm_count += norms.numel()
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {

@@ -154,6 +154,18 @@ class ArchTranslationTask(TranslationTask):
     def cache_dir(self) -> str:
         return self.cfg.arch_cache_dir or os.path.join(self.cfg.save_dir, "arch_cache")
 
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        # fairseq's activation checkpointing (reentrant) raises on torch.autograd.grad, which
+        # the ascent of smart / freelb / arch needs: the criterion, built next, refuses these
+        # flags for those methods at start (and checks the model itself at its first ascent)
+        flags = [f"--{name.replace('_', '-')}" for name in ("checkpoint_activations", "offload_activations")
+                 if getattr(cfg, name, False)]
+        if not flags and any(hasattr(m, "precheckpoint_forward") for m in model.modules()):
+            flags = ["--checkpoint-activations"]  # wrapped by an architecture of its own accord
+        self.activation_checkpointing = flags
+        return model
+
     def build_criterion(self, cfg):
         criterion = super().build_criterion(cfg)
         if not hasattr(criterion, "adv_method"):
@@ -228,6 +240,11 @@ class ArchTranslationTask(TranslationTask):
             metrics.log_scalar("arch_nbr_changed_frac", changed[0] / changed[1] if changed else 0.0,
                                priority=902, round=4)
 
+    # arch, smart, r3f: backpropagate the clean CE before the perturbed forward, so the
+    # clean and perturbed graphs are never alive together (fairseq_arch/early_backward.py).
+    # False: one joint backward of CE + KL, as before (the tests compare the two).
+    early_clean_backward = True
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         # ignore_grad marks fairseq's dummy batches (a rank with no data left, OOM
         # retries): a stand-in sample, possibly from the valid set, whose ids must
@@ -239,7 +256,28 @@ class ArchTranslationTask(TranslationTask):
             # counted here, reported by rank 0 at the next epoch start
             self.dummy_batches = getattr(self, "dummy_batches", 0) + 1
         try:
-            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+            import torch
+            from fairseq.optim.amp_optimizer import AMPOptimizer
+
+            from .. import early_backward
+
+            model.train()  # as FairseqTask.train_step: the early backward is for training steps
+            early = early_backward.make(self.early_clean_backward, criterion, model, optimizer, ignore_grad)
+            if early is None:
+                return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+            # FairseqTask.train_step, with the criterion's clean CE backpropagated inside it
+            model.set_num_updates(update_num)
+            criterion.early_backward = early
+            try:
+                with early, torch.autograd.profiler.record_function("forward"):
+                    with torch.autocast(device_type="cuda", enabled=isinstance(optimizer, AMPOptimizer)):
+                        loss, sample_size, logging_output = criterion(model, sample)
+            finally:
+                criterion.early_backward = None
+            if ignore_grad:
+                loss *= 0
+            early.backward_rest(loss, model, sample)
+            return loss, sample_size, logging_output
         finally:
             criterion.dummy_batch = False
 

@@ -3,13 +3,22 @@
 text (sacremoses) -> length/ratio cleaning -> joint sentencepiece vocabulary -> fairseq-preprocess
 --joined-dictionary.
 
-    python scripts/recipes/prepare.py DATASET OUT [--raw PATH ...] [--smoke] [--force]
+    python scripts/recipes/prepare.py DATASET OUT [--raw PATH ...] [--valid-sets S,...] [--test-sets S,...]
+        [--style ott2018|wmt14] [--smoke] [--force]
 
 DATASET is one of iwslt14 (de-en), iwslt15 (en-vi), iwslt16 (en-fr), wmt16 (en-de). --raw takes
 the release as downloaded: archives (.tgz/.tar.gz/.zip), plain or .gz files, or directories holding
 them (searched recursively, archives inside are opened); repeat it for several. Without --raw the
 public sources are downloaded into OUT.download/ (when online). ``--help-files DATASET`` lists the
-files each dataset needs.
+files each dataset needs. --valid-sets / --test-sets pick the release's sets by name (IWSLT: e.g.
+tst2013 or dev2010,tst2010; the defaults are below). --style (WMT'16): ott2018 (default) prepares the data
+as Ott et al. (2018) / Google's wmt16_en_de archive (Moses tokenisation without -a, no punctuation
+normalisation, clean 1-80 tokens with clean-corpus-n.perl's default ratio 9, joint 32k BPE pieces) and
+takes Google's archive itself when given; wmt14 is the earlier pipeline (fairseq's prepare-wmt14en2de.sh:
+normalise punctuation, -a, clean 1-250, ratio 1.5).
+
+After preparing, the sizes are printed beside the paper's Table 4 (where we have its numbers) and a
+WARNING names every split that differs: BLEU on another test set is not comparable with the paper's.
 
 OUT, written atomically (built in OUT.tmp-*, renamed when complete; OUT/COMPLETE marks it):
   text/{train,valid,test}.{src,tgt}   tokenised text (what fairseq's prepare-*.sh scripts produce)
@@ -17,7 +26,8 @@ OUT, written atomically (built in OUT.tmp-*, renamed when complete; OUT/COMPLETE
   ref/test.{src,tgt}                  the untokenised test references (for detokenised sacreBLEU)
   spm.model, spm.vocab                the joint sentencepiece model
   bin/                                fairseq-preprocess --joined-dictionary output (both directions)
-  manifest.json                       dataset, languages, counts, options (lowercase, vocab size)
+  manifest.json                       dataset, languages, counts, sets, release sizes, Table 4 check,
+                                      options (lowercase, vocab size, style)
 A missing, truncated or misaligned input stops with a message and a non-zero exit status, and
 leaves no OUT behind.
 """
@@ -58,6 +68,8 @@ DATASETS = {
         "test": ["IWSLT14.TED.dev2010.de-en.{l}.xml", "IWSLT14.TEDX.dev2012.de-en.{l}.xml",
                  "IWSLT14.TED.tst2010.de-en.{l}.xml", "IWSLT14.TED.tst2011.de-en.{l}.xml",
                  "IWSLT14.TED.tst2012.de-en.{l}.xml"],
+        "set_pattern": "IWSLT14.{name}.de-en.{l}.xml",
+        "release_sets": ["TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012"],
         "urls": ["http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"],
         "release": "de-en.tgz (IWSLT 2014 TED release, as fairseq's prepare-iwslt14.sh downloads it)",
     },
@@ -67,8 +79,12 @@ DATASETS = {
         "lowercase": False,
         "vocab": 10000,
         "train": ["train.{l}"],
+        # Table 4 has 768 valid pairs; Stanford's files hold only tst2012 (1553) and tst2013 (1268), so the
+        # paper's valid set cannot be rebuilt from them (docs/recipes.md)
         "valid": ["tst2012.{l}"],
         "test": ["tst2013.{l}"],
+        "set_pattern": "{name}.{l}",
+        "release_sets": ["tst2012", "tst2013"],
         "pretokenised": True,
         "urls": [f"https://nlp.stanford.edu/projects/nmt/data/iwslt15.en-vi/{s}.{l}"
                  for s in ("train", "tst2012", "tst2013") for l in ("en", "vi")],
@@ -80,10 +96,13 @@ DATASETS = {
         "lowercase": False,
         "vocab": 10000,
         "train": "train.tags.en-fr.{l}",
-        # our choice (the paper does not spell the split out): dev2010+tst2010..2012 valid, tst2013+2014 test
-        "valid": ["IWSLT16.TED.dev2010.en-fr.{l}.xml", "IWSLT16.TED.tst2010.en-fr.{l}.xml",
-                  "IWSLT16.TED.tst2011.en-fr.{l}.xml", "IWSLT16.TED.tst2012.en-fr.{l}.xml"],
-        "test": ["IWSLT16.TED.tst2013.en-fr.{l}.xml", "IWSLT16.TED.tst2014.en-fr.{l}.xml"],
+        # Table 4 has 1080 valid / 1133 test pairs, which no set (or union of sets) of this release gives
+        # (docs/recipes.md); our choice: one set each, tst2013 valid and tst2014 test (torchtext's IWSLT2016
+        # defaults), pick others with --valid-sets / --test-sets
+        "valid": ["IWSLT16.TED.tst2013.en-fr.{l}.xml"],
+        "test": ["IWSLT16.TED.tst2014.en-fr.{l}.xml"],
+        "set_pattern": "IWSLT16.{name}.en-fr.{l}.xml",
+        "release_sets": ["TED.dev2010", "TED.tst2010", "TED.tst2011", "TED.tst2012", "TED.tst2013", "TED.tst2014"],
         "urls": ["https://wit3.fbk.eu/archive/2016-01//texts/en/fr/en-fr.tgz"],
         "release": "en-fr.tgz (IWSLT 2016-01 TED release)",
     },
@@ -92,7 +111,11 @@ DATASETS = {
         "kind": "wmt",
         "lowercase": False,
         "vocab": 32000,
+        "spm_type": "bpe",  # Ott et al. / Google: 32k joint BPE (sentencepiece's BPE on the tokenised text)
         "train": ["europarl-v7.de-en.{l}", "commoncrawl.de-en.{l}", "news-commentary-v11.de-en.{l}"],
+        # Google's preprocessed wmt16_en_de.tar.gz (what Ott et al. 2018 / fairseq's scaling_nmt train on)
+        "google": {"train": "train.tok.clean.{l}", "valid": "newstest2013.tok.{l}",
+                   "test": "newstest2014.tok.{l}", "ref": "newstest2014.{l}"},
         "valid": ["newstest2013.{l}"],
         # newstest2014 (fairseq's prepare-wmt14en2de.sh / the paper): sgm, src side and ref side
         "test": {"de": "newstest2014-deen-{side}.de.sgm", "en": "newstest2014-deen-{side}.en.sgm"},
@@ -106,7 +129,16 @@ DATASETS = {
     },
 }
 MAX_LEN, MAX_RATIO = 175, 1.5  # clean-corpus-n.perl -ratio 1.5 ... 1 175 (prepare-iwslt14.sh)
-MAX_LEN_WMT = 250              # prepare-wmt14en2de.sh: clean-corpus-n -ratio 1.5 ... 1 250
+MAX_LEN_WMT = 250              # prepare-wmt14en2de.sh: clean-corpus-n -ratio 1.5 ... 1 250 (--style wmt14)
+MAX_LEN_OTT, RATIO_OTT = 80, 9.0  # Google's wmt16_en_de.sh: clean-corpus-n.perl ... 1 80 (its default ratio 9)
+STYLES = ("ott2018", "wmt14")
+
+# The paper's Table 4 (pairs per split), as quoted in issue 12; the cells we could not read (the paper
+# was not at hand) are absent and printed as "?". Checked against the prepared sizes after every prepare.
+TABLE4 = {
+    "iwslt15": {"valid": 768},
+    "iwslt16": {"valid": 1080, "test": 1133},
+}
 
 
 class PrepError(Exception):
@@ -115,6 +147,52 @@ class PrepError(Exception):
 
 def fail(msg):
     raise PrepError(msg)
+
+
+def set_files(name, names):
+    """--valid-sets / --test-sets names ("tst2013", "TED.tst2013", "TEDX.dev2012") -> file patterns."""
+    d = DATASETS[name]
+    if "set_pattern" not in d:
+        fail(f"{name}: --valid-sets / --test-sets are for the IWSLT datasets (WMT'16 uses newstest2013/2014)")
+    out = []
+    for n in names:
+        n = n.strip()
+        if d["kind"] == "iwslt_xml" and "." not in n:
+            n = "TED." + n
+        if n not in d["release_sets"]:
+            fail(f"{name}: no set {n!r} in this release; its sets: {', '.join(d['release_sets'])}")
+        out.append(d["set_pattern"].replace("{name}", n))
+    return out
+
+
+def resolve(name, valid_sets=None, test_sets=None, style="ott2018"):
+    """DATASETS[name] with the command line's choices applied."""
+    d = dict(DATASETS[name])
+    if valid_sets:
+        if d.get("valid_every"):
+            d.pop("valid_every")
+        d["valid"] = set_files(name, valid_sets)
+    if test_sets:
+        d["test"] = set_files(name, test_sets)
+    if d["kind"] == "wmt":
+        if style not in STYLES:
+            fail(f"--style is one of {', '.join(STYLES)}")
+        d["style"] = style
+        if style == "wmt14":
+            d.pop("spm_type", None)
+    elif style != "ott2018":
+        fail("--style is for wmt16")
+    return d
+
+
+def set_names(d, split):
+    """Human names of the sets a split is made of."""
+    pats = d.get(split)
+    if pats is None:
+        return [f"one training line in {d['valid_every']}"] if split == "valid" else []
+    if isinstance(pats, dict):
+        return ["newstest2014"]
+    return [re.sub(r"\.\{l\}(\.xml)?$", "", p).replace(".de-en", "").replace(".en-fr", "") for p in pats]
 
 
 def expected_files(name):
@@ -140,7 +218,13 @@ def describe(name):
              "Pass --raw with the archive(s), or a directory holding them or these files (any depth):"]
     lines += ["  " + f for f in expected_files(name)]
     if name == "wmt16":
-        lines.append("  (newstest2014: either the -src.de/-ref.en pair or the -src.en/-ref.de pair is enough)")
+        lines.append("  (newstest2014: either the -src.de/-ref.en pair or the -src.en/-ref.de pair is enough;"
+                     " WMT'14 test-full.tgz or WMT'16 dev.tgz)")
+        lines.append("or, for --style ott2018, Google's preprocessed wmt16_en_de.tar.gz (Ott et al. 2018): "
+                     "train.tok.clean.{en,de}, newstest2013.tok.{en,de}, newstest2014.tok.{en,de}, "
+                     "newstest2014.{en,de}")
+    elif d.get("release_sets"):
+        lines.append(f"Sets of this release (--valid-sets / --test-sets): {', '.join(d['release_sets'])}")
     lines.append("Downloaded from: " + " ".join(d["urls"]))
     return "\n".join(lines)
 
@@ -254,9 +338,12 @@ def read_train_tags(path):
 
 
 class Normaliser:
-    def __init__(self, lang, lowercase, pretokenised, wmt):
+    def __init__(self, lang, lowercase, pretokenised, wmt14):
+        """wmt14: fairseq's prepare-wmt14en2de.sh (punctuation normalisation, -a); otherwise Moses
+        tokenisation as tokenizer.perl's defaults (what prepare-iwslt14.sh and Google's WMT'16 script do)."""
         from sacremoses import MosesPunctNormalizer, MosesTokenizer
 
+        wmt = wmt14
         self.tok = MosesTokenizer(lang=lang)
         self.norm = MosesPunctNormalizer(lang=lang) if wmt else None
         self.lowercase = lowercase
@@ -270,7 +357,7 @@ class Normaliser:
         if self.norm is not None:
             line = self.norm.normalize(line)
             line = "".join(c for c in line if c.isprintable() or c in "\t ")  # remove-non-printing-char
-        # -a (aggressive hyphen splitting) for WMT as prepare-wmt14en2de.sh; escape as the perl script
+        # -a (aggressive hyphen splitting) for --style wmt14 as prepare-wmt14en2de.sh; escape as the perl script
         line = self.tok.tokenize(line, aggressive_dash_splits=self.wmt, escape=True, return_str=True)
         return line.lower() if self.lowercase else line
 
@@ -319,11 +406,25 @@ def check_parallel(what, s, t, sl, tl):
         fail(f"{what}: no lines")
 
 
-def load_splits(name, idx, smoke):
-    """raw (untokenised) {split: (src_lines, tgt_lines)}; valid may be None (split off train)."""
-    d = DATASETS[name]
+def load_splits(name, idx, smoke, d=None):
+    """raw (untokenised) {split: (src_lines, tgt_lines)}; valid may be None (split off train). For WMT'16
+    with Google's archive, the text is tokenised already and raw["ref"] holds the untokenised test target."""
+    d = d or DATASETS[name]
     s, t = d["pair"]
     raw = {}
+    g = d.get("google")
+    if d["kind"] == "wmt" and d.get("style") == "ott2018" and all(
+            idx.find(g["train"].format(l=l)) for l in (s, t)):
+        for split in ("train", "valid", "test"):
+            sides = [read_text(idx.need(g[split].format(l=l), name)) for l in (s, t)]
+            check_parallel(f"{split} ({g[split].format(l='*')}, Google's archive)", *sides, s, t)
+            raw[split] = tuple(x[:smoke] for x in sides) if smoke and split == "train" else tuple(sides)
+        raw["ref"] = read_text(idx.need(g["ref"].format(l=t), name))
+        if len(raw["ref"]) != len(raw["test"][1]):
+            fail(f"{g['ref'].format(l=t)}: {len(raw['ref'])} lines but {len(raw['test'][1])} in "
+                 f"{g['test'].format(l=t)} (truncated or misaligned input)")
+        raw["source"] = "google"
+        return raw
     if d["kind"] == "iwslt_xml":
         tr = [read_train_tags(idx.need(d["train"].format(l=l), name)) for l in (s, t)]
         check_parallel(f"train ({d['train']})", *tr, s, t)
@@ -410,9 +511,37 @@ def write_lines(path, lines):
             f.write(l + "\n")
 
 
-def prepare(name, out, raw_inputs, smoke=0, vocab=0, workers=2):
-    d = DATASETS[name]
+def table4_check(name, counts, release_counts, smoke):
+    """(lines to print, warnings): the prepared sizes beside the paper's Table 4. Valid/test are compared
+    as the release's sets are (before a --smoke cut); train only outside smoke mode."""
+    paper = TABLE4.get(name, {})
+    lines = [f"prepare: sizes (pairs) beside the paper's Table 4{' (smoke: the release sets, uncut)' if smoke else ''}:",
+             f"  {'split':<6} {'here':>9} {'Table 4':>9}"]
+    warnings = []
+    for split in ("train", "valid", "test"):
+        here = release_counts.get(split) if smoke or split != "train" else counts[split]
+        if smoke and split == "train":
+            here = None
+        want = paper.get(split)
+        if here is None:
+            note = "(smoke run: not compared)"
+        elif want is None:
+            note = "(Table 4 not quoted here)"
+        elif here == want:
+            note = "= Table 4"
+        else:
+            note = "DIFFERS"
+            what = ("checkpoint choice differs from the paper's" if split == "valid"
+                    else "BLEU is not comparable with the paper's" if split == "test" else "training data differ")
+            warnings.append(f"prepare: WARNING: {name} {split} has {here} pairs, the paper's Table 4 {want}: {what}")
+        lines.append(f"  {split:<6} {'-' if here is None else here:>9} {'?' if want is None else want:>9}  {note}")
+    return lines, warnings
+
+
+def prepare(name, out, raw_inputs, smoke=0, vocab=0, workers=2, valid_sets=None, test_sets=None, style="ott2018"):
+    d = resolve(name, valid_sets, test_sets, style)
     s, t = d["pair"]
+    wmt14 = d.get("style") == "wmt14"
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
@@ -421,24 +550,36 @@ def prepare(name, out, raw_inputs, smoke=0, vocab=0, workers=2):
         if not raw_inputs:
             raw_inputs = [download(name, os.path.abspath(out) + ".download")]
         idx = RawIndex(raw_inputs, os.path.join(tmp, "raw"))
-        raw = load_splits(name, idx, smoke)
-        print(f"prepare: read {name} from {', '.join(raw_inputs)}", flush=True)
+        raw = load_splits(name, idx, smoke, d)
+        source = raw.pop("source", "release")
+        raw_ref = raw.pop("ref", None)
+        print(f"prepare: read {name} from {', '.join(raw_inputs)}"
+              f"{' (Google preprocessed archive)' if source == 'google' else ''}", flush=True)
+        # the sizes of the release's sets, before a smoke cut (compared with Table 4)
+        release_counts = {k: len(v[0]) for k, v in raw.items() if v is not None and k != "train"}
         if smoke:
             n_eval = max(20, smoke // 6)
             raw = {k: (v if v is None else (v[0][:smoke], v[1][:smoke]) if k == "train" else (v[0][:n_eval], v[1][:n_eval]))
                    for k, v in raw.items()}
+            if raw_ref is not None:
+                raw_ref = raw_ref[:n_eval]
 
-        nargs = {l: (l, d["lowercase"], d.get("pretokenised", False), d["kind"] == "wmt") for l in (s, t)}
+        pretok = d.get("pretokenised", False) or source == "google"
+        nargs = {l: (l, d["lowercase"], pretok, wmt14) for l in (s, t)}
         norm = {l: (lambda lines, l=l: normalise(lines, nargs[l], workers)) for l in (s, t)}
         tok = {}
-        max_len = MAX_LEN_WMT if d["kind"] == "wmt" else MAX_LEN
+        if d["kind"] == "wmt":
+            max_len, ratio = (MAX_LEN_WMT, MAX_RATIO) if wmt14 else (MAX_LEN_OTT, RATIO_OTT)
+        else:
+            max_len, ratio = MAX_LEN, MAX_RATIO
         ts, tt = norm[s](raw["train"][0]), norm[t](raw["train"][1])
         if d["kind"] != "plain":
-            ts, tt = clean_pairs(ts, tt, max_len)
+            ts, tt = clean_pairs(ts, tt, max_len, ratio)
         if raw.get("valid") is None:  # IWSLT'14: valid = every 23rd line of the cleaned train set
             n = d["valid_every"]
             tok["valid"] = ([x for i, x in enumerate(ts, 1) if i % n == 0], [x for i, x in enumerate(tt, 1) if i % n == 0])
             ts, tt = [x for i, x in enumerate(ts, 1) if i % n], [x for i, x in enumerate(tt, 1) if i % n]
+            release_counts["valid"] = None if smoke else len(tok["valid"][0])
         else:
             tok["valid"] = tuple(norm[l](side) for l, side in zip((s, t), raw["valid"]))
         tok["train"] = (ts, tt)
@@ -451,9 +592,14 @@ def prepare(name, out, raw_inputs, smoke=0, vocab=0, workers=2):
         for split, (a, b) in tok.items():
             write_lines(os.path.join(tmp, "text", f"{split}.{s}"), a)
             write_lines(os.path.join(tmp, "text", f"{split}.{t}"), b)
-        # the untokenised references (Stanford's en-vi has none: its tokenised test side, Moses-detokenised)
+        # the untokenised references (Stanford's en-vi has none: its tokenised test side, Moses-detokenised;
+        # Google's archive: newstest2014.TGT for the target side)
         for l, side in zip((s, t), raw["test"]):
-            if d.get("pretokenised"):
+            if raw_ref is not None:
+                if l != t:
+                    continue
+                side = raw_ref
+            elif d.get("pretokenised") or source == "google":
                 from sacremoses import MosesDetokenizer
 
                 md = MosesDetokenizer(lang=l)
@@ -463,11 +609,15 @@ def prepare(name, out, raw_inputs, smoke=0, vocab=0, workers=2):
         import sentencepiece as spm
 
         vocab = vocab or (min(d["vocab"], 500) if smoke else d["vocab"])
+        model_type = d.get("spm_type", "unigram")
         joint = os.path.join(tmp, "spm_train.txt")
         write_lines(joint, tok["train"][0] + tok["train"][1])
+        # identity normalisation: the pieces decode to the prepared text exactly (no NFKC), so hypotheses
+        # are scored against text/test.* character for character
         spm.SentencePieceTrainer.train(
             input=joint, model_prefix=os.path.join(tmp, "spm"), vocab_size=vocab, character_coverage=1.0,
-            model_type="unigram", bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2,
+            model_type=model_type, normalization_rule_name="identity",
+            bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2,
             hard_vocab_limit=not smoke, input_sentence_size=10_000_000, shuffle_input_sentence=True,
             num_threads=workers)
         os.remove(joint)
@@ -490,9 +640,18 @@ def prepare(name, out, raw_inputs, smoke=0, vocab=0, workers=2):
 
         shutil.rmtree(os.path.join(tmp, "raw"), ignore_errors=True)
         counts = {split: len(a) for split, (a, b) in tok.items()}
+        release_counts["train"] = counts["train"]
+        report, warnings = table4_check(name, counts, release_counts, smoke)
         manifest = {"dataset": name, "pair": [s, t], "lowercase": d["lowercase"], "spm_vocab": vocab,
-                    "counts": counts, "smoke": bool(smoke), "raw": [os.path.abspath(p) for p in raw_inputs],
+                    "spm_model_type": model_type, "counts": counts, "smoke": bool(smoke),
+                    "sets": {split: set_names(d, split) for split in ("valid", "test")},
+                    "release_counts": release_counts, "table4": TABLE4.get(name, {}),
+                    "table4_warnings": warnings,
+                    "raw": [os.path.abspath(p) for p in raw_inputs], "source": source,
                     "seconds": round(time.time() - t0, 1)}
+        if d["kind"] == "wmt":
+            manifest["style"] = d["style"]
+            manifest["clean"] = {"max_len": max_len, "ratio": ratio}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
@@ -502,7 +661,13 @@ def prepare(name, out, raw_inputs, smoke=0, vocab=0, workers=2):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"prepare: wrote {out} ({counts['train']} train, {counts['valid']} valid, {counts['test']} test "
-          f"pairs, {s}-{t}, joint sentencepiece {vocab}, lowercase={d['lowercase']}) in {time.time() - t0:.0f}s")
+          f"pairs, {s}-{t}, joint sentencepiece {model_type} {vocab}, lowercase={d['lowercase']}"
+          f"{', style ' + d['style'] if d['kind'] == 'wmt' else ''}) in {time.time() - t0:.0f}s")
+    print(f"prepare: valid = {' + '.join(manifest['sets']['valid'])}; test = {' + '.join(manifest['sets']['test'])}")
+    print("\n".join(report))
+    for w in warnings:
+        print(w, file=sys.stderr)
+    return manifest
 
 
 def main(argv=None):
@@ -516,11 +681,21 @@ def main(argv=None):
     ap.add_argument("--spm-vocab", type=int, default=0, help="override the joint sentencepiece size")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--force", action="store_true", help="replace an existing complete OUT")
+    ap.add_argument("--valid-sets", help="IWSLT: comma-separated sets of the release for valid (e.g. tst2013)")
+    ap.add_argument("--test-sets", help="IWSLT: comma-separated sets of the release for test (e.g. tst2014)")
+    ap.add_argument("--style", default="ott2018", choices=STYLES,
+                    help="WMT'16: ott2018 (Ott et al. 2018 / Google's data, default) or wmt14 (the earlier pipeline)")
     ap.add_argument("--help-files", action="store_true", help="list the files DATASET needs and exit")
     a = ap.parse_args(argv)
     if a.help_files:
         print(describe(a.dataset))
         return 0
+    split = (lambda v: [x for x in v.split(",") if x.strip()] if v else None)
+    try:  # option errors before anything is read
+        resolve(a.dataset, split(a.valid_sets), split(a.test_sets), a.style)
+    except PrepError as e:
+        print(f"prepare {a.dataset}: ERROR: {e}", file=sys.stderr)
+        return 2
     if os.environ.get("ARCH_SMOKE") == "1":
         a.smoke = True
     out = a.out or os.path.join("data", a.dataset + ("-smoke" if a.smoke else ""))
@@ -534,7 +709,8 @@ def main(argv=None):
             return 2
         shutil.rmtree(out)
     try:
-        prepare(a.dataset, out, a.raw, smoke=a.smoke_lines if a.smoke else 0, vocab=a.spm_vocab, workers=a.workers)
+        prepare(a.dataset, out, a.raw, smoke=a.smoke_lines if a.smoke else 0, vocab=a.spm_vocab, workers=a.workers,
+                valid_sets=split(a.valid_sets), test_sets=split(a.test_sets), style=a.style)
     except PrepError as e:
         print(f"prepare {a.dataset}: ERROR: {e}", file=sys.stderr)
         return 1
