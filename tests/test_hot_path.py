@@ -20,19 +20,13 @@ import torch
 from fairseq_arch import perturbation as P
 
 from . import utils
+from .test_perturbation import padded_mask
+from .test_robustness import one_refresh_epoch
 
 CASES = [("uniform", "l2", "sentence"), ("uniform", "l2", "word"), ("uniform", "linf", "sentence"),
          ("uniform", "linf", "word"), ("normal", "l2", "sentence")]
 
 
-def padded_mask(lengths, T, left):
-    m = torch.zeros(len(lengths), T, dtype=torch.bool)
-    for b, n in enumerate(lengths):
-        if left:
-            m[b, T - n:] = True
-        else:
-            m[b, :n] = True
-    return m
 
 
 # -- the generator ------------------------------------------------------------------------
@@ -249,15 +243,7 @@ def test_logged_delta_norms_stay_tensors_and_reduce_to_the_mean(data_dir, tmp_pa
 
 def _filled_cache(data_dir, tmp_path):
     """An arch run after its refresh epoch, at the start of reuse epoch 2."""
-    _, task, model, crit = utils.build_components(
-        data_dir, ["--arch-cache-fraction", "0.5", "--arch-refresh-interval", "2"], save_dir=str(tmp_path))
-    batches = utils.batches(task)
-    task.begin_epoch(1, model)
-    model.train()
-    for b in batches:
-        crit(model, b)
-    task.begin_epoch(2, model)
-    return task, model, crit, batches
+    return one_refresh_epoch(data_dir, str(tmp_path), ["--arch-cache-fraction", "0.5"])
 
 
 def test_reuse_read_reads_no_value_of_the_device_on_the_host(data_dir, tmp_path):

@@ -11,13 +11,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from fairseq import utils
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import TASK_REGISTRY, register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
+from .. import early_backward
 from ..arch_cache import ArchCache, load_embedding_matrix
 from ..cache_math import REBUILD_NORMS
 from ..distributed import all_gather_object
@@ -256,11 +259,6 @@ class ArchTranslationTask(TranslationTask):
             # counted here, reported by rank 0 at the next epoch start
             self.dummy_batches = getattr(self, "dummy_batches", 0) + 1
         try:
-            import torch
-            from fairseq.optim.amp_optimizer import AMPOptimizer
-
-            from .. import early_backward
-
             model.train()  # as FairseqTask.train_step: the early backward is for training steps
             early = early_backward.make(self.early_clean_backward, criterion, model, optimizer, ignore_grad)
             if early is None:

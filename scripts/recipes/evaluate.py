@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from train import DECODING, EXPERIMENTS, USER_DIR, count_gpus, default_save_dir, recipe_cli  # noqa: E402
+from train import DECODING, USER_DIR, count_gpus, default_save_dir, recipe_cli, recipe_target  # noqa: E402
 
 
 def score_log(text, data, subset, tgt, manifest, out, max_len=200):
@@ -104,11 +104,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--print-args", action="store_true", help="print the fairseq-generate command and exit")
     a = ap.parse_args(argv)
-    e = EXPERIMENTS[a.dataset]
-    smoke = a.smoke or os.environ.get("ARCH_SMOKE") == "1"
-    direction = a.direction or e["directions"][0]
-    if direction not in e["directions"]:
-        ap.error(f"--direction for {a.dataset} is one of {', '.join(e['directions'])}")
+    e, smoke, direction = recipe_target(ap, a)
     src, tgt = direction.split("-")
     data = a.data or os.path.join("data", a.dataset + ("-smoke" if smoke else ""))
     ckpt_dir = a.checkpoint_dir or default_save_dir(a.dataset, direction, a.method, a.seed, smoke)

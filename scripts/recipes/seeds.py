@@ -23,7 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from train import EXPERIMENTS, METHODS, default_save_dir, recipe_cli  # noqa: E402
+from train import METHODS, default_save_dir, recipe_cli, recipe_target  # noqa: E402
 
 METRICS = ["bleu", "bleu_compound_split", "sacrebleu"]
 
@@ -80,11 +80,7 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true", help="only aggregate the scores already there")
     ap.add_argument("--print-args", action="store_true", help="print the commands as JSON and exit")
     a = ap.parse_args(argv)
-    e = EXPERIMENTS[a.dataset]
-    smoke = a.smoke or os.environ.get("ARCH_SMOKE") == "1"
-    direction = a.direction or e["directions"][0]
-    if direction not in e["directions"]:
-        ap.error(f"--direction for {a.dataset} is one of {', '.join(e['directions'])}")
+    _, smoke, direction = recipe_target(ap, a)
     try:
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     except ValueError:

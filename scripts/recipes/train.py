@@ -229,6 +229,17 @@ def recipe_cli(doc, argv):
     return ap, argv, extra
 
 
+def recipe_target(ap, a):
+    """(experiment, smoke, direction) of parsed recipe args; a direction the dataset does not
+    have is a usage error."""
+    e = EXPERIMENTS[a.dataset]
+    smoke = a.smoke or os.environ.get("ARCH_SMOKE") == "1"
+    direction = a.direction or e["directions"][0]
+    if direction not in e["directions"]:
+        ap.error(f"--direction for {a.dataset} is one of {', '.join(e['directions'])}")
+    return e, smoke, direction
+
+
 def check_save_dir(save_dir, want):
     """None if SAVE_DIR is new or holds the run `want` describes; else why it must not be resumed."""
     path = os.path.join(save_dir, "recipe.json")
@@ -269,11 +280,7 @@ def main(argv=None):
                    help="per-epoch lines, fairseq's output to SAVE_DIR/train.log (default on a terminal)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="fairseq's own output on stdout")
     a = ap.parse_args(argv)
-    e = EXPERIMENTS[a.dataset]
-    smoke = a.smoke or os.environ.get("ARCH_SMOKE") == "1"
-    direction = a.direction or e["directions"][0]
-    if direction not in e["directions"]:
-        ap.error(f"--direction for {a.dataset} is one of {', '.join(e['directions'])}")
+    e, smoke, direction = recipe_target(ap, a)
     for flag, ours in OWNED_FLAGS.items():
         if any(x == flag or x.startswith(flag + "=") for x in extra):
             ap.error(f"pass {ours} to the recipe, not after `--` (the recipe names the save dir after the seed "
