@@ -20,6 +20,7 @@ change) is measured in the same run for comparison.
 
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -132,6 +133,9 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
 
     data = common.multi30k_bin(work, sentences)
     arch_flags = ["--adv-method", "arch", "--arch-refresh-interval", str(tc), "--adv-steps", str(steps)]
+    for scratch in ("cost-refresh", "cost-reuse"):
+        # a fresh cache each run: a previous run's would be "ahead of the checkpoint" (epoch 1 again)
+        shutil.rmtree(os.path.join(work, scratch), ignore_errors=True)
     _, task_ref, model, crit_ref = common.build(data, os.path.join(work, "cost-refresh"), arch_flags)
     _, task_use, _, crit_use = common.build(data, os.path.join(work, "cost-reuse"), arch_flags)
     batches = common.train_batches(task_ref)
@@ -159,9 +163,24 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
     def timed_read(*a, **k):
         dt, out = _timed(lambda: real_read(*a, **k))
         read_time["s"] += dt
+        hot_time["s"] += dt
         return out
 
     task_use.arch_cache.read = timed_read
+    # the hot path's own work (issue 11, item 9): seeded init, cache reads (+ neighbour
+    # rebuild) and fresh-row stores, per update, whatever the method
+    hot_time = {"s": 0.0}
+
+    def timed(fn):
+        def run(*a, **k):
+            dt, out = _timed(lambda: fn(*a, **k))
+            hot_time["s"] += dt
+            return out
+        return run
+
+    for c in crits.values():
+        c._init = timed(c._init)
+    task_ref.arch_cache.store_fresh = timed(task_ref.arch_cache.store_fresh)
     opt = _TorchOptimizer(model.parameters(), lr=1e-4)
     task_of = {m: task_use if m == "arch-reuse" else task_ref for m in crits}
 
@@ -175,6 +194,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
         opt.step()
 
     times = {m: [] for m in crits}
+    hot_share = {m: [] for m in crits}
     read_share = []
     fwd, bwd, optim = [], [], []
     rng = random.Random(0)
@@ -191,9 +211,10 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
                 to, _ = _timed(opt.step)
                 fwd.append(tf), bwd.append(tb), optim.append(to)
                 continue
-            read_time["s"] = 0.0
+            read_time["s"] = hot_time["s"] = 0.0
             dt, _ = _timed(lambda: update(m, batch))
             times[m].append(dt)
+            hot_share[m].append(hot_time["s"] / dt)
             if m == "arch-reuse":
                 read_share.append(read_time["s"] / dt)
         live.done(f"{len(crits)} methods + one forward/backward, batch {r % len(batches) + 1}/{len(batches)}")
@@ -211,6 +232,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
             "fwd_bwd": [of, ob], "table1_fwd_bwd": [pf, pb],
             "predicted_vs_none": (of * t_f + ob * t_b + t_o) / base,
             "table1_predicted_vs_none": (pf * t_f + pb * t_b + t_o) / base,
+            "hot_path_share": statistics.median(hot_share[m]),
             "peak_mib": peak["early"][m], "peak_vs_none": peak["early"][m] / peak["early"]["none"],
             "peak_joint_mib": peak["joint"].get(m), "peak_joint_vs_none":
                 peak["joint"][m] / peak["early"]["none"] if m in peak["joint"] else None,
@@ -223,6 +245,8 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
         "table1_fwd_bwd": [round(2 + (steps - 1) / tc, 3), round(1 + steps / tc, 3)],
         "predicted_vs_none": ((of_r + 2 * (tc - 1)) / tc * t_f + (ob_r + tc - 1) / tc * t_b + t_o) / base,
         "table1_predicted_vs_none": ((2 + (steps - 1) / tc) * t_f + (1 + steps / tc) * t_b + t_o) / base,
+        "hot_path_share": (rows["arch-refresh"]["hot_path_share"] * med["arch-refresh"]
+                           + (tc - 1) * rows["arch-reuse"]["hot_path_share"] * med["arch-reuse"]) / tc / amort,
     }
     # a run's peak is its largest update's: ARCH's is the larger of its refresh and reuse epochs'
     for key in ("peak", "peak_joint"):
@@ -308,15 +332,15 @@ def markdown(res: dict, rss: dict) -> str:
         f"S={c['steps']}, Tc={c['tc']}, median of {c['rounds']} interleaved rounds)",
         "",
         "| method | s / update | x none | x smart | fwd/bwd (ours) | predicted x none (ours) | fwd/bwd (Table 1) | "
-        "predicted x none (Table 1) | peak MiB | peak x none | peak x none, joint backward |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "predicted x none (Table 1) | own work % | peak MiB | peak x none | peak x none, joint backward |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in res["methods"].items():
         joint = f"{r['peak_joint_vs_none']:.2f}" if r.get("peak_joint_vs_none") is not None else "-"
         lines.append(
             f"| {m} | {r['seconds']:.3f} | {r['vs_none']:.2f} | {r['vs_smart']:.2f} | {r['fwd_bwd'][0]}/{r['fwd_bwd'][1]} | "
             f"{r['predicted_vs_none']:.2f} | {r['table1_fwd_bwd'][0]}/{r['table1_fwd_bwd'][1]} | "
-            f"{r['table1_predicted_vs_none']:.2f} | {r['peak_mib']:.1f} | {r['peak_vs_none']:.2f} | {joint} |")
+            f"{r['table1_predicted_vs_none']:.2f} | {100 * r.get('hot_path_share', float('nan')):.2f} | {r['peak_mib']:.1f} | {r['peak_vs_none']:.2f} | {joint} |")
     m = res["methods"]
     share = res["cache_read_rebuild_share_of_reuse_update"]
     disk = sum(res["disk_bytes"].values())
@@ -332,6 +356,9 @@ def markdown(res: dict, rss: dict) -> str:
               f"({res['peak_batch'][0]} sentences x {res['peak_batch'][1]} target positions), every method on the same "
               "batch and model; 'joint backward' = the clean CE and the KL backpropagated together (before the early "
               "clean backward); arch (amortised) = the larger of its refresh and reuse updates."]
+    lines += ["", "Own work: the plugin's per-batch work outside the model's forwards and backwards (seeded "
+              "initial perturbation, cache reads with the neighbour rebuild, fresh-row stores) as a share of the "
+              "update, median over rounds (the hot path of issue 11, item 9)."]
     lines += ["", f"One forward {res['forward_s'] * 1000:.0f} ms, one backward {res['backward_s'] * 1000:.0f} ms, "
               f"Adam step {res['optimizer_s'] * 1000:.0f} ms. End-of-refresh finalisation (means + neighbours): "
               f"{res['finalize_seconds']:.2f} s.",

@@ -394,10 +394,13 @@ class ArchCache:
                 "off": f"plain label smoothing until --arch-first-refresh-epoch {self.first_refresh_epoch}"}
         logger.info(f"ARCH epoch {epoch}: {mode} ({what[mode]})")
 
-    def flush(self) -> None:
-        """Make this rank's cache writes durable (called when a checkpoint is saved)."""
+    def flush(self) -> bool:
+        """Make this rank's cache writes durable (called on every rank when a checkpoint is
+        saved, see checkpoint_flush); whether there was a generation being written."""
         if self.store is not None and self.mode == "refresh":
             self.store.flush(self.write_gen)
+            return True
+        return False
 
     def state_dict(self) -> dict:
         if self.store is None:

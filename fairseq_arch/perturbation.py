@@ -406,6 +406,108 @@ def divergence(
     raise ValueError(f"unknown divergence {kind!r}: use forward or symmetric")
 
 
+# Rows of the vocabulary-wide divergence computed at once: its temporaries (a few rows x V,
+# float32) then stay about 1/DIVERGENCE_CHUNKS of one logits tensor; at least
+# DIVERGENCE_MIN_CHUNK_ELEMENTS per chunk, so that a small batch is not split into tiny ops.
+DIVERGENCE_CHUNKS = 8
+DIVERGENCE_MIN_CHUNK_ELEMENTS = 2 ** 18
+
+
+def divergence_chunk_rows(rows: int, vocab: int) -> int:
+    """Rows per chunk of :class:`LogitsDivergence` (>= 1)."""
+    return max(1, min(rows, max(-(-rows // DIVERGENCE_CHUNKS), DIVERGENCE_MIN_CHUNK_ELEMENTS // max(vocab, 1))))
+
+
+def _forward_kl_terms(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """sum p (log p - log q) over the rows given (float32)."""
+    return (p_log.exp() * (p_log - q_log)).sum()
+
+
+class LogitsDivergence(torch.autograd.Function):
+    """The divergence of :func:`divergence` from the student's logits instead of its
+    log-probs: ``KL(p || softmax(z))`` (or the symmetric one), summed over the real rows.
+
+    Why: through ``log_softmax`` and ``F.kl_div`` autograd keeps the log-probs, the
+    selected rows of both sides and the products of the KL alive, five or so
+    vocabulary-sized tensors per forward, the largest part of the regulariser's peak
+    memory (issue 11). Here the forward and the backward go through the rows in chunks
+    and keep only the logits (which the output projection produced anyway) and the
+    teacher; the gradient w.r.t. the logits is the only new vocabulary-sized tensor:
+    ``softmax(z) * sum(p) - p`` (forward KL), plus ``q * (r - E_q[r])`` with
+    ``r = log q - log p`` for the reverse half of the symmetric one.
+
+    Inputs: ``teacher_rows`` N x V log-probs of the real rows (no grad), ``logits``
+    M x V (any float dtype, M >= N rows: the batch's flat B*T positions), ``rows`` the N
+    indices of the real rows in ``logits``. Computed in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, teacher_rows, logits, rows, symmetric: bool):
+        n, v = teacher_rows.shape
+        chunk = divergence_chunk_rows(n, v)
+        total = logits.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, chunk):
+            p = teacher_rows[i:i + chunk].float()
+            q = torch.log_softmax(logits.index_select(0, rows[i:i + chunk]).float(), -1)
+            if symmetric:
+                total += 0.5 * ((p.exp() - q.exp()) * (p - q)).sum()
+            else:
+                total += _forward_kl_terms(p, q)
+        ctx.save_for_backward(teacher_rows, logits, rows)
+        ctx.symmetric = symmetric
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        teacher_rows, logits, rows = ctx.saved_tensors
+        n, v = teacher_rows.shape
+        chunk = divergence_chunk_rows(n, v)
+        grad = torch.zeros_like(logits)
+        for i in range(0, n, chunk):
+            idx = rows[i:i + chunk]
+            p = teacher_rows[i:i + chunk].float()
+            q = torch.log_softmax(logits.index_select(0, idx).float(), -1)
+            ep, eq = p.exp(), q.exp()
+            g = eq * ep.sum(-1, keepdim=True) - ep  # d KL(p || softmax z) / dz
+            if ctx.symmetric:
+                r = q - p
+                g = 0.5 * (g + eq * (r - (eq * r).sum(-1, keepdim=True)))
+            grad.index_copy_(0, idx, (g * grad_total).to(grad.dtype))
+        return None, grad, None, None
+
+
+class Teacher:
+    """The detached clean prediction on the real target tokens, kept once per batch for
+    every divergence of that batch (S ascent steps + the final one): ``lprobs`` N x V
+    float32 log-probs of the N real rows, ``rows`` their indices in the flat B*T
+    positions. Only the real rows are kept (the full B x T x V teacher held the padding
+    rows as well, for the whole step)."""
+
+    def __init__(self, lprobs: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None):
+        v = lprobs.size(-1)
+        keep = mask.reshape(-1)
+        self.rows = keep.nonzero().squeeze(1) if count is None else real_rows(keep, int(count))
+        self.lprobs = lprobs.detach().reshape(-1, v).index_select(0, self.rows).float()  # N x V
+        self.shape = tuple(mask.shape)
+
+    def divergence(self, student: torch.Tensor, kind: str = "forward", logits: bool = False) -> torch.Tensor:
+        """Token-summed divergence of ``student`` (log-probs, or logits with
+        ``logits=True``; ``... x V`` with as many positions as the teacher's mask) from the teacher."""
+        if kind not in ("forward", "symmetric"):
+            raise ValueError(f"unknown divergence {kind!r}: use forward or symmetric")
+        v = self.lprobs.size(-1)
+        assert student.numel() == math.prod(self.shape) * v and student.size(-1) == v, (
+            f"student {tuple(student.shape)} does not match the teacher's {self.shape} x {v}")
+        flat = student.reshape(-1, v)
+        if logits:
+            return LogitsDivergence.apply(self.lprobs, flat, self.rows, kind == "symmetric")
+        q_log = flat.index_select(0, self.rows).float()
+        kl_pq = F.kl_div(q_log, self.lprobs, reduction="sum", log_target=True)
+        if kind == "forward":
+            return kl_pq
+        return 0.5 * (kl_pq + F.kl_div(self.lprobs, q_log, reduction="sum", log_target=True))
+
+
 def sentence_norms(delta: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Sentence-level l2 norm of each sample (B,), for logging."""
     if delta is None:

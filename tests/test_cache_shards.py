@@ -205,6 +205,31 @@ def test_flush_makes_the_shards_durable(tmp_path, monkeypatch):
     s.close_maps()
 
 
+def test_every_rank_flushes_its_cache_when_fairseq_saves_a_checkpoint(tmp_path):
+    """fairseq calls task.state_dict() (the task's flush) on the writing rank only; the other
+    ranks only pass through checkpoint_utils.save_checkpoint, which now flushes their shards
+    first (before: nothing on a rank that does not write the checkpoint)."""
+    from types import SimpleNamespace
+
+    import fairseq_arch  # noqa: F401  (installs the wrapper)
+    from fairseq import checkpoint_utils
+
+    flushed = []
+    cache = SimpleNamespace(rank=1, write_gen="gen-e0003", flush=lambda: flushed.append(1) or True)
+    trainer = SimpleNamespace(task=SimpleNamespace(arch_cache=cache), should_save_checkpoint_on_current_rank=False,
+                              always_call_state_dict_during_save_checkpoint=False,
+                              consolidate_optimizer=lambda: None, data_parallel_rank=1)
+    cfg = SimpleNamespace(no_save=False, save_dir=str(tmp_path))
+    assert checkpoint_utils.save_checkpoint(cfg, trainer, None, None) is None  # fairseq: not this rank's to write
+    assert flushed == [1]
+    checkpoint_utils.save_checkpoint(SimpleNamespace(no_save=True), trainer, None, None)
+    assert flushed == [1], "--no-save: nothing is saved, nothing to flush for"
+    # fairseq keeps the best score on the function, through the module's name
+    checkpoint_utils.save_checkpoint.best = 1.5
+    assert getattr(checkpoint_utils.save_checkpoint, "best") == 1.5
+    del checkpoint_utils.save_checkpoint.best
+
+
 # -- two fairseq-train ranks ---------------------------------------------------------------
 
 
@@ -232,6 +257,9 @@ def test_two_ranks_write_shards_and_match_one_rank(data_dir, one_rank, tmp_path)
         assert '"epoch": 3' in f.read()
     found = sorted(f for f in os.listdir(gen) if f.endswith(cache_store.SHARD))
     assert found == [f"{s}.r0000{r}.shard" for s in ("source", "target") for r in (0, 1)], found
+    # the wrapper runs in fairseq-train (fairseq logs on rank 0 only; that rank 1 flushes too is
+    # test_every_rank_flushes_its_cache_when_fairseq_saves_a_checkpoint)
+    assert "ARCH cache: rank 0's rows of gen-e0003 made durable for the checkpoint" in outs[0], outs[0][-3000:]
     assert all(os.path.getsize(os.path.join(gen, f)) > 0 for f in found), "a rank wrote no rows"
     for side in ("source", "target"):
         # no rank wrote into the shared file: it is still the copy of the base generation

@@ -19,6 +19,7 @@ float32 rounding. There gradients agree per tensor to |diff| <= 1e-6 x its large
 to 1e-6 = lr / 5000 (measured <= 8e-8; a lost or doubled CE gradient moves them by ~lr).
 """
 
+import contextlib
 import os
 import socket
 import time
@@ -138,8 +139,8 @@ def test_skipped_regulariser_still_trains_on_the_clean_ce(data_dir, tmp_path, mo
     """A non-finite KL is dropped (criterion): with the early backward the CE's gradient
     is already in .grad and the trainer's backward has nothing left to do; the update is
     the plain CE's, bit for bit as without the early backward."""
-    real = crit_mod.divergence
-    monkeypatch.setattr(crit_mod, "divergence", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = crit_mod.Teacher.divergence
+    monkeypatch.setattr(crit_mod.Teacher, "divergence", lambda *a, **k: real(*a, **k) * float("inf"))
     calls = count_early_calls(monkeypatch)
     early = trainer_update(data_dir, tmp_path / "early", "arch", True, reuse=True)
     joint = trainer_update(data_dir, tmp_path / "joint", "arch", False, reuse=True)
@@ -232,6 +233,48 @@ def test_early_backward_lowers_the_peak(data_dir, tmp_path, method, reuse):
     assert ratio <= 0.75, f"peak with the early backward is x{ratio:.3f} the joint backward's"
 
 
+@pytest.mark.parametrize("method", ["smart", "arch"])
+def test_ascent_with_frozen_parameters_finds_the_same_delta(data_dir, tmp_path, monkeypatch, method):
+    """The ascent's forwards run with requires_grad off on the parameters (autograd keeps
+    less): the perturbations are bit for bit those found with the parameters trainable,
+    the parameters are trainable again afterwards, also when the ascent raises, and no
+    parameter gradient is touched."""
+    _, task, model, crit = utils.build_components(
+        data_dir, ["--adv-method", method, "--adv-steps", "2"], save_dir=str(tmp_path))
+    task.begin_epoch(1, model)
+    model.train()
+    batch = utils.batches(task)[0]
+    net_input = batch["net_input"]
+    masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
+    with torch.no_grad():
+        teacher, target = crit._lprobs_fp32(model, model(**net_input), batch)
+    frozen_seen = []
+    real_forward = crit._perturbed_forward
+
+    def forward(m, *a, **k):
+        frozen_seen.append(not any(p.requires_grad for p in m.parameters()))
+        return real_forward(m, *a, **k)
+
+    monkeypatch.setattr(crit, "_perturbed_forward", forward)
+
+    def ascent():
+        return crit._ascent(model, batch, teacher, target.ne(1), masks, 1, {"fwd": 0, "bwd": 0})
+
+    frozen = ascent()
+    assert frozen_seen == [True, True]
+    monkeypatch.setattr(crit_mod, "frozen_parameters", lambda m: contextlib.nullcontext())
+    trainable = ascent()
+    assert frozen_seen[2:] == [False, False]
+    for side in frozen:
+        assert torch.equal(frozen[side], trainable[side]), side
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    monkeypatch.undo()
+    monkeypatch.setattr(crit, "_perturbed_forward", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ascent()
+    assert all(p.requires_grad for p in model.parameters())
+
+
 # -- data parallel on gloo ----------------------------------------------------------------
 
 
@@ -282,12 +325,12 @@ def _ddp_rank(rank, port, data_dir, root, scenarios):
                 ddp = trainer.model.module
                 assert isinstance(ddp, CpuDDP), type(ddp)
                 ddp.register_comm_hook(reductions, counting_hook)
-            real = crit_mod.divergence
+            real = crit_mod.Teacher.divergence
             if skip and rank == 1:  # a non-finite ascent on rank 1 only: its regulariser is skipped
-                crit_mod.divergence = lambda *a, **k: real(*a, **k) * float("nan")
+                crit_mod.Teacher.divergence = lambda *a, **k: real(*a, **k) * float("nan")
             task.begin_epoch(1, trainer.model)
             log = trainer.train_step(batches[2 * rank:2 * rank + 2])
-            crit_mod.divergence = real
+            crit_mod.Teacher.divergence = real
             torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                         "buckets": reductions["buckets"], "skipped": log.get("adv_skipped")},

@@ -151,3 +151,75 @@ def test_divergence_matches_hand_computed_kl():
     )
     assert torch.allclose(P.divergence(p, q, mask, "symmetric"), 0.5 * (want + kl_qp), atol=1e-6)
     assert P.divergence(p, p, mask).abs() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["forward", "symmetric"])
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("chunks", [1, 3, 100])
+def test_teacher_divergence_from_logits_equals_the_log_prob_one(kind, left, chunks, monkeypatch):
+    """Teacher.divergence from the logits (LogitsDivergence, chunked over rows) has the
+    value and the gradient w.r.t. the logits of divergence() on their log-softmax, for
+    every chunking (1 row per chunk up to all rows), padding side and divergence."""
+    monkeypatch.setattr(P, "DIVERGENCE_CHUNKS", chunks)
+    monkeypatch.setattr(P, "DIVERGENCE_MIN_CHUNK_ELEMENTS", 1)
+    torch.manual_seed(5)
+    p = (3 * torch.randn(4, 6, 11)).log_softmax(-1)
+    mask = padded_mask([6, 2, 5, 1], 6, left)
+    z = (3 * torch.randn(4, 6, 11)).requires_grad_(True)
+    want = P.divergence(p, z.log_softmax(-1), mask, kind)
+    (want_grad,) = torch.autograd.grad(want, z)
+    teacher = P.Teacher(p, mask, count=int(mask.sum()))
+    got = teacher.divergence(z, kind, logits=True)
+    (got_grad,) = torch.autograd.grad(got * 2.0, z)  # the incoming gradient is applied
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (float(got), float(want))
+    assert torch.allclose(got_grad, 2.0 * want_grad, rtol=1e-4, atol=1e-6)
+    assert got_grad[~mask].abs().sum() == 0  # padding rows: no gradient
+    lp = teacher.divergence(z.log_softmax(-1), kind)  # the log-prob path of the same object
+    assert torch.allclose(lp, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["forward", "symmetric"])
+def test_logits_divergence_gradcheck(kind, monkeypatch):
+    monkeypatch.setattr(P, "DIVERGENCE_CHUNKS", 2)
+    monkeypatch.setattr(P, "DIVERGENCE_MIN_CHUNK_ELEMENTS", 1)
+    torch.manual_seed(6)
+    teacher = torch.randn(5, 7, dtype=torch.float64).log_softmax(-1)
+    z = torch.randn(8, 7, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([0, 2, 3, 6, 7])
+    # float32 inside: the check's tolerance is float32's
+    assert torch.autograd.gradcheck(lambda z: P.LogitsDivergence.apply(teacher, z, rows, kind == "symmetric").double(),
+                                    (z,), eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+def test_logits_divergence_peak_memory_is_about_one_logits_tensor_less(monkeypatch):
+    """Peak tensor bytes of the regulariser from the logits onward, forward + backward
+    (the cost benchmark's counter): the log-prob path (log_softmax, row selection,
+    kl_div, and their backward: grads of the rows, of the scatter and of the softmax)
+    has several vocabulary-sized tensors alive at once; from the logits only the
+    gradient w.r.t. the logits is, plus chunk-sized temporaries (issue 11's peak memory).
+    Measured: 4.83 and 2.53 logits tensors."""
+    from benchmarks.cost import LiveTensorBytes
+
+    monkeypatch.setattr(P, "DIVERGENCE_MIN_CHUNK_ELEMENTS", 1)
+    torch.manual_seed(7)
+    b, t, v = 16, 12, 2000
+    mask = padded_mask([12, 11, 10, 9, 8, 7, 6, 5, 12, 11, 10, 9, 8, 7, 6, 5], t, left=False)
+    teacher = P.Teacher(torch.randn(b, t, v).log_softmax(-1), mask)
+    logits_bytes = b * t * v * 4
+
+    def peak(from_logits):
+        z = torch.randn(b, t, v, generator=torch.Generator().manual_seed(8), requires_grad=True)
+        with LiveTensorBytes() as mem:
+            student = z * 1  # the projection's output: alive from here on
+            kl = teacher.divergence(student if from_logits else student.log_softmax(-1), logits=from_logits)
+            del student
+            kl.backward()
+        print(f"from_logits={from_logits}: peak {mem.peak / logits_bytes:.2f} logits tensors")
+        return float(kl), mem.peak / logits_bytes
+
+    old_kl, old_peak = peak(False)
+    new_kl, new_peak = peak(True)
+    assert abs(new_kl - old_kl) <= 1e-5 * abs(old_kl)
+    # the logits, their gradient, z's gradient (the stand-in projection's), chunk temporaries
+    assert new_peak <= 2.8, new_peak
+    assert old_peak >= new_peak + 1.8, (old_peak, new_peak)

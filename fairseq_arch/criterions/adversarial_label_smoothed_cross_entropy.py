@@ -35,6 +35,7 @@ The paper's Table 1 counts one forward fewer for smart and for ARCH's refresh ep
 (it does not count the forward at the random start): SMART 1+S, ARCH 2+(S-1)/Tc.
 """
 
+import contextlib
 import logging
 import math
 from types import SimpleNamespace
@@ -54,7 +55,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from ..injection import check_applied, perturbed_embeddings, unwrap_model
-from ..perturbation import ascent_step, divergence, project, seeded_init, sentence_norms
+from ..perturbation import Teacher, ascent_step, divergence, project, seeded_init, sentence_norms
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,57 @@ def _warn_precision(crit, flag: Optional[str]) -> None:
             f"Use --adv-init-scale {floor:.0e} or more, or --amp / fp32, which keep the embeddings in fp32")
 
 
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """The ascent's forwards with ``requires_grad`` off on every parameter (restored after):
+    the ascent needs d KL / d delta only, and autograd then keeps only what that gradient
+    needs (a linear layer keeps its weight, not its input, which the weight's gradient would
+    need), so the ascent's graph holds a fraction of a training forward's activations
+    (peak memory, issue 11). The gradient w.r.t. delta is the same computation either way.
+    ``model`` is the unwrapped model: no DDP hook or parameter ``.grad`` is involved."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def plain_log_softmax(model) -> bool:
+    """Whether ``model.get_normalized_probs(out, log_probs=True)`` is fairseq's plain
+    float32 log-softmax of ``out[0]``: no adaptive softmax, and neither the model nor its
+    decoder overrides fairseq's get_normalized_probs (then the divergence can be taken from
+    the logits, see AdversarialLabelSmoothedCrossEntropyCriterion._divergence)."""
+    from fairseq.models import BaseFairseqModel, FairseqDecoder
+
+    core = unwrap_model(model)
+    decoder = getattr(core, "decoder", None)
+    if not isinstance(core, BaseFairseqModel) or not isinstance(decoder, FairseqDecoder):
+        return False
+    if getattr(decoder, "adaptive_softmax", None) is not None:
+        return False
+    same = lambda obj, base, name: getattr(type(obj), name) is getattr(base, name)  # noqa: E731
+    # (transformer's get_normalized_probs is overridden only to delegate, for TorchScript;
+    # the criterion also compares the two on its first batch, see _divergence)
+    return (same(core, BaseFairseqModel, "get_normalized_probs_scriptable")
+            and same(decoder, FairseqDecoder, "get_normalized_probs")
+            and same(decoder, FairseqDecoder, "get_normalized_probs_scriptable"))
+
+
+def student_logits(model, net_output, ignore_prefix_size: int = 0) -> Optional[torch.Tensor]:
+    """The B x T x V logits the loss's log-probs are a plain log-softmax of (with the
+    criterion's --ignore-prefix-size cut, as get_lprobs_and_target does), or None where
+    they are not (plain_log_softmax)."""
+    if not plain_log_softmax(model):
+        return None
+    logits = net_output[0]
+    if ignore_prefix_size > 0:
+        logits = logits[:, ignore_prefix_size:, :]
+    return logits
+
+
 def _register(name, dataclass):
     if name in CRITERION_REGISTRY:  # imported twice (pip install -e . + --user-dir)
         return lambda cls: cls
@@ -275,6 +327,7 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         if flags:
             refuse_activation_checkpointing(adv_method, flags)
         self._checked_models = set()  # ids of models checked for activation checkpointing
+        self._logits_checked = {}  # id(model) -> whether its log-probs are a log-softmax of its logits
         _warn_precision(self, "--bf16" if bf16 else "--fp16" if fp16 else None)
         # --amp / --fp16: the ascent objective is multiplied by a scale of its own, so that
         # its gradient survives the fp16 backward (see _ascent_scale)
@@ -310,6 +363,36 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
     def _lprobs_fp32(self, model, net_output, sample):
         lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
         return lprobs.float(), target
+
+    def _teacher(self, lprobs: torch.Tensor, tgt_mask: torch.Tensor, sample) -> Teacher:
+        """The batch's detached clean prediction, real target rows only (N x V float32)."""
+        return Teacher(lprobs, tgt_mask, self._real_tokens(sample))
+
+    def _divergence(self, model, net_output, sample, teacher: Teacher) -> torch.Tensor:
+        """``--adv-kl`` divergence of a perturbed forward's output from the teacher, summed
+        over real target tokens. From the logits where the model's log-probs are a plain
+        log-softmax of them (Teacher.divergence(logits=True): no vocabulary-sized
+        temporaries kept for the backward), else from the model's own log-probs (adaptive
+        softmax, a decoder with its own get_normalized_probs)."""
+        logits = student_logits(model, net_output, self.ignore_prefix_size)
+        if logits is not None and self._logits_checked.get(id(model)) is None:
+            # once per model: the structural check of plain_log_softmax, confirmed on the
+            # numbers of one sentence (the whole batch would cost vocabulary-sized tensors)
+            with torch.no_grad():
+                one = net_output[0][:1]
+                try:
+                    lprobs = model.get_normalized_probs((one,) + tuple(net_output[1:]), log_probs=True)
+                    same = torch.allclose(lprobs.float(), torch.log_softmax(one.float(), -1), rtol=1e-4, atol=1e-4)
+                except Exception:  # a decoder whose normalisation needs the whole batch
+                    same = False
+            if not same:
+                logger.info("the model's log-probs are not a log-softmax of its logits: the "
+                            "divergence is taken from the log-probs (more memory)")
+            self._logits_checked[id(model)] = same
+        if logits is not None and self._logits_checked[id(model)]:
+            return teacher.divergence(logits, self.adv_kl, logits=True)
+        student, _ = self._lprobs_fp32(model, net_output, sample)
+        return teacher.divergence(student, self.adv_kl)
 
     def _perturbed_forward(self, model, net_input, delta: Dict[str, torch.Tensor]):
         src, prev = net_input["src_tokens"], net_input["prev_output_tokens"]
@@ -399,6 +482,8 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         scaled (_ascent_scale), and an ascent that overflows is run again at half the scale,
         at most ASCENT_SCALE_RETRIES times."""
         self._check_checkpointing(core)
+        if not isinstance(teacher, Teacher):  # a B x T x V log-prob tensor (tests, probe)
+            teacher = self._teacher(teacher, tgt_mask, sample)
         init = self._init(core, sample, masks, key)
         for _ in range(ASCENT_SCALE_RETRIES + 1):
             scale = self._ascent_scale(core)
@@ -406,10 +491,11 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
             for _ in range(self.adv_steps):
                 for side in self.sides:
                     delta[side] = delta[side].detach().requires_grad_(True)
-                out = self._perturbed_forward(core, sample["net_input"], delta)
+                with frozen_parameters(core):
+                    out = self._perturbed_forward(core, sample["net_input"], delta)
                 counts["fwd"] += 1
-                student, _ = self._lprobs_fp32(core, out, sample)
-                obj = divergence(teacher, student, tgt_mask, self.adv_kl, self._real_tokens(sample)) * scale
+                obj = self._divergence(core, out, sample, teacher) * scale
+                del out  # the logits stay alive in the divergence's graph only
                 grads = torch.autograd.grad(obj, [delta[s] for s in self.sides])
                 counts["bwd"] += 1
                 delta, finite = self._step(delta, grads, masks, finite)
@@ -527,7 +613,6 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         # one log-softmax serves the label-smoothed loss and the (detached) teacher
         lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
         loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True)
-        teacher = lprobs.detach().float()
         tgt_mask = target.ne(self.padding_idx)
         early_backward = getattr(self, "early_backward", None)  # armed by arch_translation's train_step
         if early_backward is not None:
@@ -540,6 +625,10 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
                 net_output = None  # the clean logits: read again only for the accuracy
             early_backward(loss)
             loss = loss.detach()
+        # the teacher's rows are copied after the early backward: during it the graph holds
+        # the log-probs anyway, and the copy would add to the clean backward's peak
+        teacher = self._teacher(lprobs, tgt_mask, sample)
+        del lprobs  # B x T x V, no longer needed (the teacher holds the real rows)
 
         skip = False
         cache = getattr(self.task, "arch_cache", None) if self.adv_method == "arch" else None
@@ -573,8 +662,8 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         if not skip:
             adv_output = self._perturbed_forward(model, net_input, delta)
             counts["fwd"] += 1
-            student, _ = self._lprobs_fp32(model, adv_output, sample)
-            reg = divergence(teacher, student, tgt_mask, self.adv_kl, self._real_tokens(sample))
+            reg = self._divergence(model, adv_output, sample, teacher)
+            del adv_output
             if not torch.isfinite(reg):
                 # never let a non-finite regulariser poison the model: drop it, count it
                 reg, skip = loss.new_zeros(()), True
