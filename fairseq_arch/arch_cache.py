@@ -38,7 +38,7 @@ from .cache_store import (CacheMismatchError, PerturbationCacheStore, _atomic_wr
                           file_crc32)
 from .distributed import all_gather_object, dist_info, on_rank0
 from .neighbors import CosineIndex, choose_backend
-from .perturbation import rows_to_host, scatter_rows, to_device
+from .perturbation import check_lengths, place_rows, rows_to_host, scatter_rows, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -574,6 +574,11 @@ class ArchCache:
     # -- batch level ---------------------------------------------------------------
 
     def _rebuild(self, neighbor_means: torch.Tensor, lengths, neighbor_norms: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """Eq. 3 rows (``len_b x C`` per sentence) of :meth:`_rebuilt_vectors`."""
+        vec = self._rebuilt_vectors(neighbor_means, lengths, neighbor_norms)
+        return [vec[b].unsqueeze(0).expand(int(n), -1) for b, n in enumerate(lengths)]
+
+    def _rebuilt_vectors(self, neighbor_means: torch.Tensor, lengths, neighbor_norms: Optional[torch.Tensor]) -> torch.Tensor:
         """Eq. 3 for a batch of uncached sentences, sized by --arch-rebuild-norm:
         ``paper`` as published (the word average of rows that point different ways
         cancels part of their length, so rebuilt sentences end inside the ball and, the
@@ -581,11 +586,11 @@ class ArchCache:
         K neighbours' cached sentences; ``eps``: the ball's radius. Sizes are in the
         criterion's measure (--adv-norm, --adv-granularity); the caller projects."""
         if self.rebuild_norm == "paper":
-            return cache_math.rebuild_from_neighbors(neighbor_means, lengths)
+            return cache_math.rebuilt_vectors(neighbor_means, lengths)
         if neighbor_norms is None:  # eps mode needs no stored sizes, only the batch size
             neighbor_norms = torch.zeros(neighbor_means.size(0), neighbor_means.size(1), device=neighbor_means.device)
         target = cache_math.rebuild_targets(self.rebuild_norm, neighbor_norms, self.ball_eps)
-        return cache_math.rebuild_from_neighbors(neighbor_means, lengths, target, self.ball_norm, self.ball_granularity)
+        return cache_math.rebuilt_vectors(neighbor_means, lengths, target, self.ball_norm, self.ball_granularity)
 
     def _positions(self, sample_ids) -> Tuple[np.ndarray, np.ndarray]:
         """(host ids, cache positions; -1 = uncached) of a batch's sample ids (a sequence or
@@ -602,17 +607,18 @@ class ArchCache:
 
     def read(self, sample_ids, side: str, mask: torch.Tensor, project: ProjectFn) -> Tuple[torch.Tensor, int, int]:
         """Reuse epochs: (delta B x T x C, #read from cache, #rebuilt from neighbours).
-        The rows are made on the host (memory-mapped cache rows, Eq. 3 rebuilds from the
-        row means) and reach the device in one pinned, non-blocking copy."""
+        The host reads the cached sentences' token rows (memory-mapped) and makes one Eq. 3
+        vector per rebuilt sentence from the row means; that table (about p of the batch's
+        tokens plus one row per rebuilt sentence) and the index of each token's row reach
+        the device in pinned, non-blocking copies, where the rows are expanded: the host
+        never builds the rebuilt sentences' token rows (most of the batch; on a GPU that
+        made the read ~10% of a reuse update)."""
         assert self.mode == "reuse", "read() is for reuse epochs"
         ids, pos = self._positions(sample_ids)
         lengths = self.store.lengths_all[side][ids]  # real tokens per sample, from the data
-        rows: List[Optional[np.ndarray]] = [None] * len(ids)
-        cached_b = np.nonzero(pos >= 0)[0]
-        if len(cached_b):
-            for b, r in zip(cached_b, self.store.read_rows(self.read_gen, side, pos[cached_b])):
-                rows[b] = r
-        other_b = np.nonzero(pos < 0)[0]
+        cached = pos >= 0
+        cached_b, other_b = np.nonzero(cached)[0], np.nonzero(~cached)[0]
+        table = self.store.read_rows(self.read_gen, side, pos[cached_b]) if len(cached_b) else []
         if len(other_b):
             nbr = np.asarray(self.nbrs[side][ids[other_b]], dtype=np.int64)  # n x K
             means = np.asarray(self.means[side][nbr.reshape(-1)], dtype=np.float32)
@@ -621,10 +627,13 @@ class ArchCache:
             if self.norms is not None:
                 norms = np.asarray(self.norms[side][nbr.reshape(-1)], dtype=np.float32)
                 norms = torch.from_numpy(norms).view(len(other_b), nbr.shape[1])
-            rebuilt = self._rebuild(means, lengths[other_b], norms)
-            for b, r in zip(other_b, rebuilt):
-                rows[b] = r
-        delta = project(scatter_rows(rows, mask), mask)
+            table.append(self._rebuilt_vectors(means, lengths[other_b], norms).numpy())
+        check_lengths([int(n) for n in lengths], mask)
+        dim = self.store.dims[side]
+        table = np.concatenate(table, axis=0) if table else np.zeros((0, dim), dtype=np.float32)
+        index = to_device(torch.from_numpy(cache_math.row_sources(lengths, cached)), mask.device)
+        flat = to_device(torch.from_numpy(table), mask.device).index_select(0, index)  # N x C, batch order
+        delta = project(place_rows(flat, mask), mask)
         fault_point(f"reuse_batch@{self.epoch}")
         return delta, len(cached_b), len(other_b)
 

@@ -186,6 +186,16 @@ def rebuild_from_neighbors(neighbor_means: torch.Tensor, lengths: Sequence[int],
     ``norm``/``granularity`` measure (:func:`rebuilt_norms`) equals its target; the
     direction stays Eq. 3's. A zero mean row has no direction and stays zero.
     """
+    vec = rebuilt_vectors(neighbor_means, lengths, target_norms, norm, granularity)
+    return [vec[b].unsqueeze(0).expand(int(n), -1) for b, n in enumerate(lengths)]
+
+
+def rebuilt_vectors(neighbor_means: torch.Tensor, lengths: Sequence[int],
+                    target_norms: Optional[torch.Tensor] = None, norm: str = "l2",
+                    granularity: str = "sentence") -> torch.Tensor:
+    """The ``B x C`` vectors :func:`rebuild_from_neighbors` puts on every token of each
+    sentence (the form a batch sends to the device: one vector per sentence, not one per
+    token)."""
     assert neighbor_means.dim() == 3, "neighbor_means must be B x K x C"
     vec = neighbor_means.float().mean(dim=1)  # B x C
     if target_norms is not None:
@@ -193,7 +203,26 @@ def rebuild_from_neighbors(neighbor_means: torch.Tensor, lengths: Sequence[int],
         scale = torch.where(have > _TINY, target_norms.float().to(vec.device) / have.clamp_min(_TINY),
                             torch.zeros_like(have))
         vec = vec * scale.unsqueeze(-1)
-    return [vec[b].unsqueeze(0).expand(int(n), -1) for b, n in enumerate(lengths)]
+    return vec
+
+
+def row_sources(lengths: Sequence[int], rowwise: Sequence[bool]) -> np.ndarray:
+    """For the real tokens of a batch (samples in order, ``lengths[b]`` tokens each),
+    the row of a table that holds their perturbation: the table is the token rows of the
+    ``rowwise`` samples (cached: one row per token), concatenated in batch order, then one
+    vector per other sample (rebuilt: the same vector on every token), in batch order.
+    ``sum(lengths)`` int64 indices; ``table[row_sources(...)]`` are the batch's rows."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rowwise = np.asarray(rowwise, dtype=bool)
+    assert lengths.shape == rowwise.shape, f"{lengths.shape} lengths, {rowwise.shape} flags"
+    n_rows = int(lengths[rowwise].sum())
+    # first table row of each sample: cached samples at their running offset, the others at
+    # their vector's row after all cached rows
+    start = np.where(rowwise, np.cumsum(np.where(rowwise, lengths, 0)) - np.where(rowwise, lengths, 0),
+                     n_rows + np.cumsum(~rowwise) - 1)
+    token_start = np.cumsum(lengths) - lengths  # each sample's first token in the batch
+    rank = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(token_start, lengths)  # token within sample
+    return np.repeat(start, lengths) + rank * np.repeat(rowwise.astype(np.int64), lengths)
 
 
 def neighbor_changes(old: Optional[np.ndarray], new: np.ndarray) -> int:

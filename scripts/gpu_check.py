@@ -318,9 +318,13 @@ def check_cost(work, out, smoke):
     m = res["methods"]
     parts = [f"{k} {m[k]['vs_none']:.2f}" for k in ("r3f", "smart", "arch-refresh", "arch-reuse", "arch (amortised)") if k in m]
     smart = m.get("arch (amortised)", {}).get("vs_smart")
-    extra = "".join(f"; {k} {res[k]}" for k in ("peak_memory_ratio",) if k in res)
+    peaks = ", ".join(f"{k} {m[k]['peak_vs_none']:.2f}" for k in ("r3f", "smart", "arch (amortised)")
+                      if m.get(k, {}).get("peak_vs_none") is not None)
+    own = ", ".join(f"{k} {100 * m[k]['hot_path_share']:.1f}%" for k in ("smart", "arch-refresh", "arch-reuse")
+                    if m.get(k, {}).get("hot_path_share") is not None)
     line("cost", "ok", f"x none per update ({res['config']['model']}, {res['config']['rounds']} rounds): "
-         + ", ".join(parts) + (f"; arch amortised / smart {smart:.2f}" if smart else "") + extra)
+         + ", ".join(parts) + (f"; arch amortised / smart {smart:.2f}" if smart else "")
+         + (f"; peak tensor memory x none: {peaks}" if peaks else "") + (f"; own work: {own}" if own else ""))
 
 
 @guarded("data")

@@ -80,3 +80,32 @@ def test_faiss_knn_agrees_with_brute_force(k):
 def test_knn_rejects_more_neighbours_than_cached():
     with pytest.raises(AssertionError, match="neighbours"):
         CosineIndex(torch.randn(3, 4), "cpu").search(torch.randn(2, 4), 4)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("seed", range(5))
+def test_row_sources_index_the_cached_rows_then_one_vector_per_rebuilt_sentence(seed):
+    """table[row_sources(lengths, cached)] equals the per-token rows of the batch: cached
+    sentences' own rows, rebuilt sentences' vector on every token."""
+    rng = np.random.default_rng(seed)
+    b = int(rng.integers(1, 9))
+    lengths = rng.integers(0, 6, size=b)
+    cached = rng.random(b) < 0.4
+    rows = [torch.randn(int(n), 3) for n in lengths]  # what a cached sentence's rows are
+    vecs = [torch.randn(3) for _ in range(b)]  # what a rebuilt sentence's vector is
+    table = torch.cat([rows[i] for i in range(b) if cached[i]] + [vecs[i].view(1, 3) for i in range(b) if not cached[i]]
+                      + [torch.zeros(0, 3)])
+    want = torch.cat([rows[i] if cached[i] else vecs[i].expand(int(lengths[i]), 3) for i in range(b)] + [torch.zeros(0, 3)])
+    idx = C.row_sources(lengths, cached)
+    assert idx.dtype == np.int64 and idx.shape == (int(lengths.sum()),)
+    assert torch.equal(table[torch.from_numpy(idx)], want)
+
+
+@pytest.mark.fast
+def test_rebuilt_vectors_are_the_rows_of_rebuild_from_neighbors():
+    means = torch.randn(3, 2, 4)
+    lengths = [2, 1, 3]
+    for target in (None, torch.tensor([0.1, 0.2, 0.3])):
+        vec = C.rebuilt_vectors(means, lengths, target)
+        rows = C.rebuild_from_neighbors(means, lengths, target)
+        assert all(torch.equal(r, vec[i].expand(lengths[i], 4)) for i, r in enumerate(rows))

@@ -260,6 +260,35 @@ def test_reuse_read_reads_no_value_of_the_device_on_the_host(data_dir, tmp_path)
         assert n_cached > 0 and n_rebuilt > 0
 
 
+@pytest.mark.parametrize("rebuild_norm", ["paper", "neighbor"])
+def test_reuse_read_equals_the_per_token_rows_bit_for_bit(data_dir, tmp_path, rebuild_norm):
+    """The read sends a table (cached rows + one vector per rebuilt sentence) and expands it
+    on the device; the result is bit for bit what placing every sentence's token rows gives
+    (the read before: cached rows, Eq. 3 rows expanded on the host, scatter_rows)."""
+    task, model, crit, batches = one_refresh_epoch(
+        data_dir, str(tmp_path), ["--arch-cache-fraction", "0.5", "--arch-rebuild-norm", rebuild_norm])
+    cache = task.arch_cache
+    for b in batches[:3]:
+        ids = b["id"].tolist()
+        for side, toks in (("source", b["net_input"]["src_tokens"]), ("target", b["net_input"]["prev_output_tokens"])):
+            m = toks.ne(1)
+            delta, n_cached, n_rebuilt = cache.read(ids, side, m, crit.project)
+            assert n_cached > 0 and n_rebuilt > 0
+            rows = []
+            for i, n in zip(ids, m.sum(1).tolist()):
+                p = int(cache.store.pos_of[i])
+                if p >= 0:
+                    rows.append(cache.store.read_rows(cache.read_gen, side, [p])[0])
+                    continue
+                nbr = np.asarray(cache.nbrs[side][i], dtype=np.int64)
+                means = torch.from_numpy(np.asarray(cache.means[side][nbr], dtype=np.float32))[None]
+                norms = None if cache.norms is None else torch.from_numpy(
+                    np.asarray(cache.norms[side][nbr], dtype=np.float32))[None]
+                rows.append(cache._rebuild(means, [n], norms)[0])
+            want = crit.project(P.scatter_rows(rows, m), m)
+            assert torch.equal(delta, want), (side, float((delta - want).abs().max()))
+
+
 def test_arch_batch_ids_reach_the_host_once_per_batch(data_dir, tmp_path, monkeypatch):
     """A reuse batch reads both sides' rows: the ids tensor comes to the host once."""
     task, model, crit, batches = _filled_cache(data_dir, tmp_path)
