@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="S")
     ap.add_argument("--tc", type=int, default=None, help="Tc (cost: default 15; quality: default epochs/3)")
     ap.add_argument("--skip-rss", action="store_true", help="cost: skip the peak-RSS fairseq-train runs")
+    ap.add_argument("--model-arch", default=None,
+                    help="cost: a fairseq --arch instead of the benchmark's model (e.g. transformer_wmt_en_de_big)")
     ap.add_argument("--rss-only", action="store_true", help="cost: re-measure peak RSS only, keep the timings in cost.json")
     ap.add_argument("--scales", default="tatoeba,1000000", help="scale: comma list of 'tatoeba' or a sentence count")
     ap.add_argument("--seeds", default="1,2,3", help="quality: seeds of the --multi-seed-methods (the others: the first)")

@@ -126,13 +126,15 @@ def _timed(fn):
     return time.perf_counter() - t0, out
 
 
-def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict:
+def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_arch: str = None) -> dict:
     from fairseq_arch.criterions.adversarial_label_smoothed_cross_entropy import (
         AdversarialLabelSmoothedCrossEntropyCriterion as Crit,
     )
 
     data = common.multi30k_bin(work, sentences)
     arch_flags = ["--adv-method", "arch", "--arch-refresh-interval", str(tc), "--adv-steps", str(steps)]
+    if model_arch:  # fairseq's last --arch wins over the benchmark's model
+        arch_flags += ["--arch", model_arch]
     for scratch in ("cost-refresh", "cost-reuse"):
         # a fresh cache each run: a previous run's would be "ahead of the checkpoint" (epoch 1 again)
         shutil.rmtree(os.path.join(work, scratch), ignore_errors=True)
@@ -261,7 +263,8 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int) -> dict
                for s in store.sides}
     return {
         "config": {"sentences": sentences, "batches": len(batches), "rounds": rounds, "steps": steps, "tc": tc,
-                   "model": "transformer_iwslt_de_en (GPU)" if common.on_gpu() else "transformer 3+3 layers, d=128, ffn 512",
+                   "model": model_arch or ("transformer_iwslt_de_en (GPU)" if common.on_gpu()
+                                           else "transformer 3+3 layers, d=128, ffn 512"),
                    "max_tokens": 4096},
         "methods": rows,
         "peak_batch": peak["batch"],
@@ -382,7 +385,7 @@ def main(args):
         with open(path) as f:
             res = json.load(f)
     else:
-        res = measure(args.work, args.sentences, args.rounds, args.steps, args.tc)
+        res = measure(args.work, args.sentences, args.rounds, args.steps, args.tc, getattr(args, "model_arch", None))
     rss = peak_rss(args.work, res["config"]["sentences"]) if not args.skip_rss else {
         "none": 0, "r3f": 0, "arch": 0, "ratio_arch_vs_none": float("nan"), "ratio_arch_vs_r3f": float("nan")}
     res["peak_rss_mb"] = rss

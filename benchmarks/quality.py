@@ -43,6 +43,10 @@ VARIANTS = {
     # rebuilt sentences rescaled to their neighbours' cached size (the probe's choice): the candidate
     # default, so it gets every seed too
     "arch-neighbor": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-rebuild-norm", "neighbor"],
+    # issue 10's "better neighbours" (c): searched again at the start of every reuse epoch
+    "arch-nsearch": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-neighbor-search", "epoch"],
+    # issue 10's later first refresh: epochs 1-4 plain CE, refreshes at 5, 5 + Tc, ...
+    "arch-first5": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-first-refresh-epoch", "5"],
     "r3f": ["--adv-method", "r3f"],
     "smart": ["--adv-method", "smart"],
     "rdrop": ["--adv-method", "rdrop", "--adv-lambda", str(RDROP_ALPHA)],

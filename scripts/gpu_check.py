@@ -305,11 +305,12 @@ def check_ddp(data, work, smoke):
          f"{time.perf_counter() - t0:.0f}s{'; ' + tail[0][:200] if tail else ''}")
 
 
-@guarded("cost")
-def check_cost(work, out, smoke):
-    rounds, sentences = ("3", "300") if smoke else ("20", "4000")
+def check_cost(work, out, smoke, model_arch=None):
+    """The cost benchmark (its model: transformer_iwslt_de_en on a GPU), or at ``model_arch``
+    (``cost-big``: Transformer-big, the paper's WMT model, fewer rounds)."""
+    rounds, sentences = ("3", "300") if smoke else ("5" if model_arch else "20", "4000")
     cmd = [sys.executable, "-m", "benchmarks", "cost", "--work", work, "--out", out, "--rounds", rounds,
-           "--sentences", sentences, "--skip-rss"]
+           "--sentences", sentences, "--skip-rss"] + (["--model-arch", model_arch] if model_arch else [])
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
         raise RuntimeError((p.stdout + p.stderr).strip().splitlines()[-1] if (p.stdout + p.stderr).strip() else "failed")
@@ -322,7 +323,7 @@ def check_cost(work, out, smoke):
                       if m.get(k, {}).get("peak_vs_none") is not None)
     own = ", ".join(f"{k} {100 * m[k]['hot_path_share']:.1f}%" for k in ("smart", "arch-refresh", "arch-reuse")
                     if m.get(k, {}).get("hot_path_share") is not None)
-    line("cost", "ok", f"x none per update ({res['config']['model']}, {res['config']['rounds']} rounds): "
+    line("cost-big" if model_arch else "cost", "ok", f"x none per update ({res['config']['model']}, {res['config']['rounds']} rounds): "
          + ", ".join(parts) + (f"; arch amortised / smart {smart:.2f}" if smart else "")
          + (f"; peak tensor memory x none: {peaks}" if peaks else "") + (f"; own work: {own}" if own else ""))
 
@@ -341,7 +342,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every check that a CPU can run")
     ap.add_argument("--work", default="/tmp/arch-gpu-check", help="scratch space")
     ap.add_argument("--out", default=None, help="where the cost benchmark's report goes (default: <work>/cost)")
-    ap.add_argument("--only", default="device,search,train,resume,ddp,cost", help="comma list of checks")
+    ap.add_argument("--only", default="device,search,train,resume,ddp,cost", help="comma list of checks "
+                    "(also: cost-big, the cost benchmark at Transformer-big size)")
     ap.add_argument("--precisions", default=DEFAULT_PRECISIONS,
                     help="train: comma list of fp32,fp16,amp,bf16 (bf16: fairseq 0.12 implies --tpu)")
     ap.add_argument("--pairs", type=int, default=29_000, help="train: Multi30k training pairs (GPU runs)")
@@ -385,7 +387,11 @@ def main():
     if "ddp" in only:
         check_ddp(data, args.work, smoke)
     if "cost" in only:
-        check_cost(args.work, args.out or os.path.join(args.work, "cost"), smoke)
+        guarded("cost")(check_cost)(args.work, args.out or os.path.join(args.work, "cost"), smoke)
+    if "cost-big" in only:
+        # Transformer-big (d=1024, 6+6 layers: the paper's WMT model) on Multi30k's vocabulary
+        guarded("cost-big")(check_cost)(args.work, os.path.join(args.out or os.path.join(args.work, "cost"), "big"),
+                                        smoke, "transformer_tiny" if smoke else "transformer_wmt_en_de_big")
     line("all", "FAIL" if FAILED else "ok", f"{time.perf_counter() - t0:.0f}s"
          + (f"; failed: {', '.join(FAILED)}" if FAILED else ""))
     return 1 if FAILED else 0
