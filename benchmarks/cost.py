@@ -315,12 +315,16 @@ def peak_rss(work: str, sentences: int) -> dict:
                "--adv-method", method, "--arch-refresh-interval", "2", *common.SMALL_MODEL, "--optimizer", "adam",
                "--lr", "1e-3", "--max-tokens", "4096", "--max-epoch", "3", "--cpu", "--no-save",
                "--save-dir", os.path.join(work, f"rss-{method}"), "--no-progress-bar", "--num-workers", "0"]
-        wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True); "
-                   "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        # a fresh save dir: --no-save keeps no checkpoint, but a previous run's ARCH cache
+        # would be "ahead of the checkpoint" at epoch 1
+        shutil.rmtree(os.path.join(work, f"rss-{method}"), ignore_errors=True)
+        wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+                   "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+                   "sys.stderr.write((r.stdout + r.stderr)[-3000:] if r.returncode else '')")
         res = subprocess.run([sys.executable, "-c", wrapper, *_progress().console_cmd(cmd)], capture_output=True, text=True,
                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
         rc, kb = res.stdout.split()
-        assert rc == "0", f"fairseq-train --adv-method {method} failed"
+        assert rc == "0", f"fairseq-train --adv-method {method} failed:\n{res.stderr}"
         out[method] = int(kb) / 1024.0
         live.done(f"fairseq-train --adv-method {method} (3 epochs): peak RSS {out[method]:.0f} MiB")
     out["ratio_arch_vs_none"] = out["arch"] / out["none"]
@@ -386,6 +390,12 @@ def main(args):
             res = json.load(f)
     else:
         res = measure(args.work, args.sentences, args.rounds, args.steps, args.tc, getattr(args, "model_arch", None))
+        if not args.skip_rss:
+            # the timings first (the RSS runs take minutes): a failed RSS run keeps them, and
+            # `--rss-only` measures RSS again from this file
+            nan = float("nan")
+            pending = {"none": 0, "r3f": 0, "arch": 0, "ratio_arch_vs_none": nan, "ratio_arch_vs_r3f": nan}
+            common.write_report(args.out, "cost", dict(res, peak_rss_mb=pending), markdown(res, pending))
     rss = peak_rss(args.work, res["config"]["sentences"]) if not args.skip_rss else {
         "none": 0, "r3f": 0, "arch": 0, "ratio_arch_vs_none": float("nan"), "ratio_arch_vs_r3f": float("nan")}
     res["peak_rss_mb"] = rss
