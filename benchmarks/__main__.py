@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3, help="quality: peak learning rate (inverse_sqrt)")
     ap.add_argument("--warmup", type=int, default=QUALITY_WARMUP, help="quality: warmup updates")
     ap.add_argument("--max-tokens", type=int, default=4096, help="quality: tokens per batch")
+    ap.add_argument("--report-only", action="store_true",
+                    help="quality: rewrite the report from the finished runs' JSONs; train nothing")
     ap.add_argument("--calibrate", action="store_true",
                     help="quality: only run none (first seed) for --epochs with --patience 8 and record its valid BLEU curve")
     ap.add_argument("--checkpoint", help="probe: a checkpoint of an ARCH run")

@@ -557,6 +557,8 @@ def main(args):
         return calibrate(args, cfg, data_bin(args.work, cfg["pairs"], cfg["valid_sentences"], cfg["test_sentences"]))
     for name, _ in plan:
         variant_flags(name, cfg, extra)  # unknown names fail before anything runs
+    if getattr(args, "report_only", False):
+        return report(args, plan, cfg, extra)  # from the finished runs' JSONs, nothing trained
     data = data_bin(args.work, cfg["pairs"], cfg["valid_sentences"], cfg["test_sentences"])
     steps = _progress().Steps("quality run", len(plan), kinds=[m for m, _ in plan])
     ran = False

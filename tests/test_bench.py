@@ -213,3 +213,11 @@ def test_quality_benchmark_reports_paired_differences_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert again.stdout.count("(finished earlier:") == 2 and "fairseq-train" not in again.stdout
     assert os.path.exists(tmp_path / "out" / "bleu_vs_time.png")
+    # --report-only with a variant never run: reported missing, nothing trained
+    only = utils.run([sys.executable, "-m", "benchmarks", *tiny[:-8], "--methods", "none,arch,r3f", "--seeds", "1",
+                      "--max-tokens", "2048", "--test-sentences", "100", "--report-only", "--out", str(tmp_path / "out"),
+                      "--work", str(tmp_path / "work3")], timeout=900, cwd=utils.REPO, env=ENV,
+                     capture_output=True, text=True)
+    assert only.returncode == 0, only.stdout[-2000:] + only.stderr[-3000:]
+    assert "fairseq-train" not in only.stdout and not os.path.exists(tmp_path / "work3" / "quality_v2")
+    assert "Missing runs: r3f-s1." in open(tmp_path / "out" / "quality.md").read()
