@@ -398,9 +398,10 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
                      f"{'n/a (no cost.json row)' if derived is None else f'{derived / 60:.1f} min'} | "
                      f"{_f(s['measured_seconds'], 0)} |")
     lines += ["", "Cost-derived wall-clock: every epoch's updates x the s/update that benchmarks/results/cost.json measured "
-              "for the method on idle 2 cores (interleaved rounds; ARCH epochs priced as refresh or reuse updates by the "
-              "forwards per batch they logged). cost.json times a 3+3-layer d=128 model on 3000 pairs: absolute minutes "
-              "are for that model, the ratios between methods are what carries over. The measured training seconds "
+              "for the method (its date and machine are in that file), in interleaved rounds, so that every method saw "
+              "the same load (ARCH epochs priced as refresh or reuse updates by the forwards per batch they logged). "
+              "cost.json times a 3+3-layer d=128 model on 3000 pairs: absolute minutes are for that model and that "
+              "load, the ratios between methods are what carries over. The measured training seconds "
               "come from a machine shared with other jobs and are not comparable between runs.", ""]
     if results:
         overfit = [f"{r['variant']} s{r['seed']}: best epoch {r['best_epoch']} of {r['epochs_run']}"
