@@ -67,7 +67,7 @@ def quality_curves(out, plt):
                for e in epochs]
         ax.plot(*zip(*pts), marker="o", ms=2.5, lw=1.2, color=COLORS.get(v, COLORS.get(rs[0]["method"], None)),
                 ls="--" if v not in COLORS else "-", label=f"{v} (n={len(rs)})")
-    ax.set_xlabel("wall-clock, min (cost.json s/update x updates, idle 2 CPU cores)")
+    ax.set_xlabel("wall-clock, min (cost.json s/update x updates; its interleaved rounds, its machine)")
     ax.set_ylabel("valid BLEU (greedy), mean over seeds")
     ax.set_title("BLEU vs wall-clock (Multi30k De-En)")
     ax.legend(fontsize=8)
