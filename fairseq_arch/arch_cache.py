@@ -575,8 +575,7 @@ class ArchCache:
 
     def _rebuild(self, neighbor_means: torch.Tensor, lengths, neighbor_norms: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """Eq. 3 rows (``len_b x C`` per sentence) of :meth:`_rebuilt_vectors`."""
-        vec = self._rebuilt_vectors(neighbor_means, lengths, neighbor_norms)
-        return [vec[b].unsqueeze(0).expand(int(n), -1) for b, n in enumerate(lengths)]
+        return cache_math.expand_vectors(self._rebuilt_vectors(neighbor_means, lengths, neighbor_norms), lengths)
 
     def _rebuilt_vectors(self, neighbor_means: torch.Tensor, lengths, neighbor_norms: Optional[torch.Tensor]) -> torch.Tensor:
         """Eq. 3 for a batch of uncached sentences, sized by --arch-rebuild-norm:
@@ -628,7 +627,7 @@ class ArchCache:
                 norms = np.asarray(self.norms[side][nbr.reshape(-1)], dtype=np.float32)
                 norms = torch.from_numpy(norms).view(len(other_b), nbr.shape[1])
             table.append(self._rebuilt_vectors(means, lengths[other_b], norms).numpy())
-        check_lengths([int(n) for n in lengths], mask)
+        check_lengths(lengths, mask)
         dim = self.store.dims[side]
         table = np.concatenate(table, axis=0) if table else np.zeros((0, dim), dtype=np.float32)
         index = to_device(torch.from_numpy(cache_math.row_sources(lengths, cached)), mask.device)

@@ -186,7 +186,12 @@ def rebuild_from_neighbors(neighbor_means: torch.Tensor, lengths: Sequence[int],
     ``norm``/``granularity`` measure (:func:`rebuilt_norms`) equals its target; the
     direction stays Eq. 3's. A zero mean row has no direction and stays zero.
     """
-    vec = rebuilt_vectors(neighbor_means, lengths, target_norms, norm, granularity)
+    return expand_vectors(rebuilt_vectors(neighbor_means, lengths, target_norms, norm, granularity), lengths)
+
+
+def expand_vectors(vec: torch.Tensor, lengths: Sequence[int]) -> list:
+    """Vector b of ``vec`` (B x C) on each of sentence b's ``lengths[b]`` tokens: the
+    ``len_b x C`` rows of rebuilt sentences (views, no copy)."""
     return [vec[b].unsqueeze(0).expand(int(n), -1) for b, n in enumerate(lengths)]
 
 

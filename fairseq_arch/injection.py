@@ -18,6 +18,12 @@ import torch
 import torch.nn as nn
 
 
+def checkpointed(model: nn.Module) -> bool:
+    """Whether fairseq's checkpoint_wrapper (activation checkpointing) wraps a module of
+    ``model``."""
+    return any(hasattr(m, "precheckpoint_forward") for m in model.modules())
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare fairseq model under DDP / legacy-DDP / proxy wrappers. Ascent
     forwards go through it so that DDP's reducer only sees the forwards whose

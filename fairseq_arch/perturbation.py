@@ -392,18 +392,33 @@ def divergence(
     ``forward``: KL(p || q) with p the clean prediction (the paper's R_adv);
     ``symmetric``: (KL(p || q) + KL(q || p)) / 2.
     """
+    _check_kind(kind)
     v = teacher_lprobs.size(-1)
-    keep = mask.reshape(-1)
     # padding rows first: the vocabulary-wide ops below are the regularizer's main cost
-    rows = keep.nonzero().squeeze(1) if count is None else real_rows(keep, int(count))
+    rows = _real_row_index(mask, count)
     p_log = teacher_lprobs.reshape(-1, v).index_select(0, rows).float()
     q_log = student_lprobs.reshape(-1, v).index_select(0, rows).float()
+    return _rows_divergence(p_log, q_log, kind)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ("forward", "symmetric"):
+        raise ValueError(f"unknown divergence {kind!r}: use forward or symmetric")
+
+
+def _real_row_index(mask: torch.Tensor, count: Optional[int]) -> torch.Tensor:
+    """The flat indices of ``mask``'s True entries (without a sync when the host gives
+    their ``count``, see :func:`real_rows`)."""
+    keep = mask.reshape(-1)
+    return keep.nonzero().squeeze(1) if count is None else real_rows(keep, int(count))
+
+
+def _rows_divergence(p_log: torch.Tensor, q_log: torch.Tensor, kind: str) -> torch.Tensor:
+    """The divergence summed over rows of float32 log-probs (real rows only)."""
     kl_pq = F.kl_div(q_log, p_log, reduction="sum", log_target=True)
     if kind == "forward":
         return kl_pq
-    if kind == "symmetric":
-        return 0.5 * (kl_pq + F.kl_div(p_log, q_log, reduction="sum", log_target=True))
-    raise ValueError(f"unknown divergence {kind!r}: use forward or symmetric")
+    return 0.5 * (kl_pq + F.kl_div(p_log, q_log, reduction="sum", log_target=True))
 
 
 # Rows of the vocabulary-wide divergence computed at once: its temporaries (a few rows x V,
@@ -416,11 +431,6 @@ DIVERGENCE_MIN_CHUNK_ELEMENTS = 2 ** 18
 def divergence_chunk_rows(rows: int, vocab: int) -> int:
     """Rows per chunk of :class:`LogitsDivergence` (>= 1)."""
     return max(1, min(rows, max(-(-rows // DIVERGENCE_CHUNKS), DIVERGENCE_MIN_CHUNK_ELEMENTS // max(vocab, 1))))
-
-
-def _forward_kl_terms(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """sum p (log p - log q) over the rows given (float32)."""
-    return (p_log.exp() * (p_log - q_log)).sum()
 
 
 class LogitsDivergence(torch.autograd.Function):
@@ -452,7 +462,7 @@ class LogitsDivergence(torch.autograd.Function):
             if symmetric:
                 total += 0.5 * ((p.exp() - q.exp()) * (p - q)).sum()
             else:
-                total += _forward_kl_terms(p, q)
+                total += (p.exp() * (p - q)).sum()
         ctx.save_for_backward(teacher_rows, logits, rows)
         ctx.symmetric = symmetric
         return total
@@ -485,27 +495,21 @@ class Teacher:
 
     def __init__(self, lprobs: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None):
         v = lprobs.size(-1)
-        keep = mask.reshape(-1)
-        self.rows = keep.nonzero().squeeze(1) if count is None else real_rows(keep, int(count))
+        self.rows = _real_row_index(mask, count)
         self.lprobs = lprobs.detach().reshape(-1, v).index_select(0, self.rows).float()  # N x V
         self.shape = tuple(mask.shape)
 
     def divergence(self, student: torch.Tensor, kind: str = "forward", logits: bool = False) -> torch.Tensor:
         """Token-summed divergence of ``student`` (log-probs, or logits with
         ``logits=True``; ``... x V`` with as many positions as the teacher's mask) from the teacher."""
-        if kind not in ("forward", "symmetric"):
-            raise ValueError(f"unknown divergence {kind!r}: use forward or symmetric")
+        _check_kind(kind)
         v = self.lprobs.size(-1)
         assert student.numel() == math.prod(self.shape) * v and student.size(-1) == v, (
             f"student {tuple(student.shape)} does not match the teacher's {self.shape} x {v}")
         flat = student.reshape(-1, v)
         if logits:
             return LogitsDivergence.apply(self.lprobs, flat, self.rows, kind == "symmetric")
-        q_log = flat.index_select(0, self.rows).float()
-        kl_pq = F.kl_div(q_log, self.lprobs, reduction="sum", log_target=True)
-        if kind == "forward":
-            return kl_pq
-        return 0.5 * (kl_pq + F.kl_div(self.lprobs, q_log, reduction="sum", log_target=True))
+        return _rows_divergence(self.lprobs, flat.index_select(0, self.rows).float(), kind)
 
 
 def sentence_norms(delta: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

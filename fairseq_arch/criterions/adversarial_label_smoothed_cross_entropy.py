@@ -54,7 +54,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
-from ..injection import check_applied, perturbed_embeddings, unwrap_model
+from ..injection import check_applied, checkpointed, perturbed_embeddings, unwrap_model
 from ..perturbation import Teacher, ascent_step, divergence, project, seeded_init, sentence_norms
 
 logger = logging.getLogger(__name__)
@@ -172,11 +172,6 @@ def refuse_activation_checkpointing(method: str, flags) -> None:
             f"w.r.t. delta. Drop {' / '.join(flags)} (or use --adv-method r3f, rdrop or none: no ascent)")
 
 
-def checkpointed(model) -> bool:
-    """Whether fairseq's checkpoint_wrapper wraps a module of ``model``."""
-    return any(hasattr(m, "precheckpoint_forward") for m in model.modules())
-
-
 def fp16_backward(model) -> bool:
     """Whether ``model``'s backward runs in fp16 (fp16 parameters, --fp16; or fp16 autocast on
     its device, --amp), where small gradients underflow. bf16 has fp32's exponent range."""
@@ -242,18 +237,6 @@ def plain_log_softmax(model) -> bool:
     return (same(core, BaseFairseqModel, "get_normalized_probs_scriptable")
             and same(decoder, FairseqDecoder, "get_normalized_probs")
             and same(decoder, FairseqDecoder, "get_normalized_probs_scriptable"))
-
-
-def student_logits(model, net_output, ignore_prefix_size: int = 0) -> Optional[torch.Tensor]:
-    """The B x T x V logits the loss's log-probs are a plain log-softmax of (with the
-    criterion's --ignore-prefix-size cut, as get_lprobs_and_target does), or None where
-    they are not (plain_log_softmax)."""
-    if not plain_log_softmax(model):
-        return None
-    logits = net_output[0]
-    if ignore_prefix_size > 0:
-        logits = logits[:, ignore_prefix_size:, :]
-    return logits
 
 
 def _register(name, dataclass):
@@ -374,10 +357,21 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         log-softmax of them (Teacher.divergence(logits=True): no vocabulary-sized
         temporaries kept for the backward), else from the model's own log-probs (adaptive
         softmax, a decoder with its own get_normalized_probs)."""
-        logits = student_logits(model, net_output, self.ignore_prefix_size)
-        if logits is not None and self._logits_checked.get(id(model)) is None:
-            # once per model: the structural check of plain_log_softmax, confirmed on the
-            # numbers of one sentence (the whole batch would cost vocabulary-sized tensors)
+        if self._logits_checked.get(id(model)) is None:
+            self._logits_checked[id(model)] = self._log_softmax_of_logits(model, net_output)
+        if self._logits_checked[id(model)]:
+            # the logits get_lprobs_and_target's log-probs are a log-softmax of, cut as it cuts
+            logits = net_output[0][:, self.ignore_prefix_size:, :]
+            return teacher.divergence(logits, self.adv_kl, logits=True)
+        student, _ = self._lprobs_fp32(model, net_output, sample)
+        return teacher.divergence(student, self.adv_kl)
+
+    @staticmethod
+    def _log_softmax_of_logits(model, net_output) -> bool:
+        """Once per model: plain_log_softmax's structural check, confirmed on the numbers of
+        one sentence (the whole batch would cost vocabulary-sized tensors)."""
+        same = False
+        if plain_log_softmax(model):
             with torch.no_grad():
                 one = net_output[0][:1]
                 try:
@@ -385,14 +379,10 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
                     same = torch.allclose(lprobs.float(), torch.log_softmax(one.float(), -1), rtol=1e-4, atol=1e-4)
                 except Exception:  # a decoder whose normalisation needs the whole batch
                     same = False
-            if not same:
-                logger.info("the model's log-probs are not a log-softmax of its logits: the "
-                            "divergence is taken from the log-probs (more memory)")
-            self._logits_checked[id(model)] = same
-        if logits is not None and self._logits_checked[id(model)]:
-            return teacher.divergence(logits, self.adv_kl, logits=True)
-        student, _ = self._lprobs_fp32(model, net_output, sample)
-        return teacher.divergence(student, self.adv_kl)
+        if not same:
+            logger.info("the model's log-probs are not a log-softmax of its logits: the "
+                        "divergence is taken from the log-probs (more memory)")
+        return same
 
     def _perturbed_forward(self, model, net_input, delta: Dict[str, torch.Tensor]):
         src, prev = net_input["src_tokens"], net_input["prev_output_tokens"]
@@ -475,6 +465,17 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         logger.info(f"adversarial ascent: non-finite gradient at scale {scale:g}, retrying at {self._ascent_scale_now:g}")
         return False
 
+    def _with_scale_retries(self, core, run):
+        """``run(scale)`` -> (result, finite): an ascent at the current objective scale
+        (_ascent_scale), run again at half the scale while it was not finite, at most
+        ASCENT_SCALE_RETRIES times (_ascent_done); its result once finite."""
+        for _ in range(ASCENT_SCALE_RETRIES + 1):
+            scale = self._ascent_scale(core)
+            result, finite = run(scale)
+            if self._ascent_done(finite, scale):
+                return result
+        raise FloatingPointError(f"non-finite ascent gradient after {ASCENT_SCALE_RETRIES} smaller scales")
+
     def _ascent(self, core, sample, teacher, tgt_mask, masks, key, counts):
         """Fresh perturbations: seeded init in the ball, then S projected ascent steps
         on the divergence, with gradients w.r.t. delta only (parameter .grad and DDP
@@ -485,8 +486,8 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         if not isinstance(teacher, Teacher):  # a B x T x V log-prob tensor (tests, probe)
             teacher = self._teacher(teacher, tgt_mask, sample)
         init = self._init(core, sample, masks, key)
-        for _ in range(ASCENT_SCALE_RETRIES + 1):
-            scale = self._ascent_scale(core)
+
+        def run(scale):
             delta, finite = dict(init), None
             for _ in range(self.adv_steps):
                 for side in self.sides:
@@ -499,9 +500,9 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
                 grads = torch.autograd.grad(obj, [delta[s] for s in self.sides])
                 counts["bwd"] += 1
                 delta, finite = self._step(delta, grads, masks, finite)
-            if self._ascent_done(finite, scale):
-                return {s: d.detach() for s, d in delta.items()}
-        raise FloatingPointError(f"non-finite ascent gradient after {ASCENT_SCALE_RETRIES} smaller scales")
+            return {s: d.detach() for s, d in delta.items()}, finite
+
+        return self._with_scale_retries(core, run)
 
     def _freelb(self, model, sample, masks, counts):
         """FreeLB: the CE at S+1 perturbations, each one ascent step from the last;
@@ -510,8 +511,8 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         core = unwrap_model(model)
         self._check_checkpointing(core)
         init = self._init(core, sample, masks, self._noise_key())
-        for _ in range(ASCENT_SCALE_RETRIES + 1):
-            scale = self._ascent_scale(core)
+
+        def run(scale):
             delta, finite, losses, nlls = dict(init), None, [], []
             for t in range(self.adv_steps + 1):
                 for side in self.sides:
@@ -525,9 +526,10 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
                     grads = torch.autograd.grad(loss_t * scale, [delta[s] for s in self.sides], retain_graph=True)
                     counts["bwd"] += 1
                     delta, finite = self._step(delta, grads, masks, finite)
-            if self._ascent_done(finite, scale):
-                return torch.stack(losses).mean(), torch.stack(nlls).mean(), {s: d.detach() for s, d in delta.items()}
-        raise FloatingPointError(f"non-finite ascent gradient after {ASCENT_SCALE_RETRIES} smaller scales")
+            result = torch.stack(losses).mean(), torch.stack(nlls).mean(), {s: d.detach() for s, d in delta.items()}
+            return result, finite
+
+        return self._with_scale_retries(core, run)
 
     def _rdrop(self, model, sample, counts):
         """R-Drop: two forwards of the batch with dropout on, each with its own masks.

@@ -24,6 +24,7 @@ from .. import early_backward
 from ..arch_cache import ArchCache, load_embedding_matrix
 from ..cache_math import REBUILD_NORMS
 from ..distributed import all_gather_object
+from ..injection import checkpointed
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class ArchTranslationTask(TranslationTask):
         # flags for those methods at start (and checks the model itself at its first ascent)
         flags = [f"--{name.replace('_', '-')}" for name in ("checkpoint_activations", "offload_activations")
                  if getattr(cfg, name, False)]
-        if not flags and any(hasattr(m, "precheckpoint_forward") for m in model.modules()):
+        if not flags and checkpointed(model):
             flags = ["--checkpoint-activations"]  # wrapped by an architecture of its own accord
         self.activation_checkpointing = flags
         return model
