@@ -35,6 +35,10 @@ MODEL_TEXT = "transformer 2+2 layers, d=128, ffn 256, 4 heads, shared embeddings
 # R-Drop's IWSLT'14 De-En setting (Liang et al. 2021, their fairseq example): alpha = 5; not tuned here
 RDROP_ALPHA = 5.0
 
+# placeholder for the same seed's `none` run's checkpoint_best.pt (a scratch path: the flags and
+# the result JSON keep the placeholder, the run gets the path)
+NONE_BEST = "{none_best}"
+
 # name -> flags; "{tc}" is replaced by --tc. "arch" is the plugin's defaults at the time it runs.
 VARIANTS = {
     "none": ["--adv-method", "none"],
@@ -47,6 +51,11 @@ VARIANTS = {
     "arch-nsearch": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-neighbor-search", "epoch"],
     # issue 10's later first refresh: epochs 1-4 plain CE, refreshes at 5, 5 + Tc, ...
     "arch-first5": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-first-refresh-epoch", "5"],
+    # issue 10's "better neighbours" (b): W from a trained model, as the paper's Sec. 3.3 (its code
+    # searches once with a trained checkpoint): the best checkpoint of the same seed's `none` run
+    # ("{none_best}", resolved when the run starts); that baseline's training is not in its cost
+    "arch-pretrained": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}",
+                        "--arch-neighbor-embeddings", NONE_BEST],
     "r3f": ["--adv-method", "r3f"],
     "smart": ["--adv-method", "smart"],
     "rdrop": ["--adv-method", "rdrop", "--adv-lambda", str(RDROP_ALPHA)],
@@ -117,6 +126,25 @@ def variant_flags(name: str, cfg: dict, extra: dict) -> list:
         raise SystemExit(f"quality: unknown variant {name!r} (known: {', '.join(VARIANTS)}; "
                          f"or define it with --variant {name}='--adv-method ...')")
     return [f.replace("{tc}", str(cfg["tc"])) for f in flags]
+
+
+def save_dir(work: str, name: str, seed: int, cfg: dict, flags: list) -> str:
+    """A run's scratch folder, keyed by configuration and flags: an interrupted run resumes only
+    into the same run."""
+    return os.path.join(work, "quality_v2", config_key(cfg), f"{name}-s{seed}-{config_key({'flags': flags})}")
+
+
+def resolve_flags(flags: list, work: str, seed: int, cfg: dict) -> list:
+    """The flags a run trains with: NONE_BEST -> the same seed's `none` run's best checkpoint,
+    which must exist (run `none` for that seed first: the plan puts it first when both are
+    multi-seed methods)."""
+    if NONE_BEST not in flags:
+        return list(flags)
+    ckpt = os.path.join(save_dir(work, "none", seed, cfg, VARIANTS["none"]), "checkpoint_best.pt")
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"quality: {NONE_BEST} needs the none run of seed {seed} ({ckpt} does not exist): "
+                         f"run --methods none --seeds {seed} with the same configuration and --work first")
+    return [ckpt if f == NONE_BEST else f for f in flags]
 
 
 def adv_method(flags) -> str:
@@ -268,13 +296,12 @@ def paired(a: dict, b: dict) -> dict:
 
 def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, cfg: dict) -> dict:
     """Train + test one (variant, seed); the result JSON in <out>/quality_v2 is the record."""
-    # keyed by configuration and flags: an interrupted run resumes only into the same run
-    save = os.path.join(work, "quality_v2", config_key(cfg), f"{name}-s{seed}-{config_key({'flags': flags})}")
+    save = save_dir(work, name, seed, cfg, flags)
+    train = train_cmd(data, save, resolve_flags(flags, work, seed, cfg), seed, cfg)
     os.makedirs(save, exist_ok=True)
     log = os.path.join(save, "train.log")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     resumed = os.path.exists(os.path.join(save, "checkpoint_last.pt"))
-    train = train_cmd(data, save, flags, seed, cfg)
     print(f"quality {name} seed {seed}: fairseq-train, {cfg['epochs']} epochs"
           + (" (continuing from checkpoint_last.pt)" if resumed else "") + f" -> {log}", flush=True)
     # a resumed run appends: the log keeps every epoch, fairseq starts after the last saved one
@@ -403,6 +430,11 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
               "cost.json times a 3+3-layer d=128 model on 3000 pairs: absolute minutes are for that model and that "
               "load, the ratios between methods are what carries over. The measured training seconds "
               "come from a machine shared with other jobs and are not comparable between runs.", ""]
+    pretrained = [v for v in summary if NONE_BEST in summary[v]["flags"]]
+    if pretrained:
+        lines += [f"{', '.join(pretrained)}: `{NONE_BEST}` = the best checkpoint of the same seed's `none` run (its "
+                  "embeddings give the neighbours, as the paper's pre-trained W); that run's training is not in the "
+                  "variant's wall-clock (add none's).", ""]
     if results:
         overfit = [f"{r['variant']} s{r['seed']}: best epoch {r['best_epoch']} of {r['epochs_run']}"
                    for r in results if r["variant"] == "none"]

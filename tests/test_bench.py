@@ -180,6 +180,29 @@ def test_quality_plan_runs_the_paired_seeds_first():
     assert quality.derived_seconds("r3f", epochs, cost) == [None, None, None]  # cost.json has no r3f row
 
 
+@pytest.mark.fast
+def test_quality_pretrained_neighbours_take_the_same_seeds_none_checkpoint(tmp_path):
+    """arch-pretrained trains with the best checkpoint of the same seed's `none` run as W; its
+    recorded flags keep the placeholder (no scratch path in the committed JSON); without that
+    run it stops with the command that makes it."""
+    from benchmarks import quality
+
+    cfg = {"tc": 10, "pairs": 6000}
+    flags = quality.variant_flags("arch-pretrained", cfg, {})
+    assert flags[-2:] == ["--arch-neighbor-embeddings", quality.NONE_BEST]
+    with pytest.raises(SystemExit, match="none run of seed 2"):
+        quality.resolve_flags(flags, str(tmp_path), 2, cfg)
+    none_dir = quality.save_dir(str(tmp_path), "none", 2, cfg, quality.variant_flags("none", cfg, {}))
+    os.makedirs(none_dir)
+    open(os.path.join(none_dir, "checkpoint_best.pt"), "w").close()
+    run = quality.resolve_flags(flags, str(tmp_path), 2, cfg)
+    assert run[:-1] == flags[:-1] and run[-1] == os.path.join(none_dir, "checkpoint_best.pt")
+    assert quality.resolve_flags(quality.variant_flags("arch", cfg, {}), str(tmp_path), 2, cfg) == \
+        quality.variant_flags("arch", cfg, {})
+    with pytest.raises(SystemExit, match="none run of seed 3"):  # another seed's none does not count
+        quality.resolve_flags(flags, str(tmp_path), 3, cfg)
+
+
 def test_quality_benchmark_reports_paired_differences_and_resumes(tmp_path):
     """A tiny quality run (200 pairs, 2 epochs, none and arch, seed 1): the report has the paired
     difference, the goals and the missing runs; each finished run is a small JSON in
