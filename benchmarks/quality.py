@@ -56,6 +56,10 @@ VARIANTS = {
     # ("{none_best}", resolved when the run starts); that baseline's training is not in its cost
     "arch-pretrained": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}",
                         "--arch-neighbor-embeddings", NONE_BEST],
+    # every sentence cached (Algorithm 1, no neighbours, 10x the cache): the probe at epoch 30 finds
+    # Eq. 3's rebuilt rows at the random floor, the cached rows at 0.3 x fresh; is the rebuild what
+    # limits BLEU?
+    "arch-p1": ["--adv-method", "arch", "--arch-refresh-interval", "{tc}", "--arch-cache-fraction", "1"],
     "r3f": ["--adv-method", "r3f"],
     "smart": ["--adv-method", "smart"],
     "rdrop": ["--adv-method", "rdrop", "--adv-lambda", str(RDROP_ALPHA)],
