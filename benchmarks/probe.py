@@ -73,7 +73,7 @@ def run(checkpoint: str, data: str, sentences: int = 256, cache_dir: str = None,
     ds = task.dataset(task.cfg.train_subset)
     ids = probe_ids(len(ds), sentences, seed)
     t0 = time.perf_counter()
-    res = probe_model(task, model, criterion, ids, batch_size=batch_size, seed=seed, cache=cache)
+    res = probe_model(task, model, criterion, ids, batch_size=batch_size, seed=seed, cache=cache, experimental=True)
     res["seconds"] = time.perf_counter() - t0
     res["config"] = {
         "checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data), "sentences": int(len(ids)),

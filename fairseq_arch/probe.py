@@ -17,6 +17,17 @@ summed over target tokens, divided by the target tokens), for:
 - ``random_fresh``: a random direction with the norm of the fresh ascent (does the
   ascent beat a random direction of the same size?).
 
+With ``experimental=True`` (``python -m benchmarks probe``), two rebuilds that ARCH
+does not train with, each sized to eps (like ``rebuilt[eps]``) then projected, and
+measured on the uncached sentences like the others:
+
+- ``rebuilt[token-nbr]``: token by token from the nearest cached sentence (the
+  generation's neighbour table): the row of the same word when the neighbour has it
+  (the mean of its occurrences), else the row of the neighbour's word with the most
+  similar embedding (cosine), instead of Eq. 3's one averaged vector on every token;
+- ``rebuilt[word-table]``: the mean cached row of each word over all cached sentences
+  (a V x C table), Eq. 3's neighbour vector for words no cached sentence has.
+
 Ratios compare each kind with the fresh ascent on the same sentences
 (``kl / kl_fresh`` over the cached, resp. uncached, subset).
 
@@ -36,7 +47,7 @@ import numpy as np
 import torch
 
 from .injection import unwrap_model
-from .perturbation import divergence, masked, sentence_norms
+from .perturbation import divergence, masked, scatter_rows, sentence_norms
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +137,93 @@ def _random_like(delta: torch.Tensor, mask: torch.Tensor, norms: torch.Tensor, g
     return z * (norms.float() / n).view(-1, 1, 1)
 
 
+def token_aligned_rows(tokens: np.ndarray, nbr_tokens: np.ndarray, nbr_rows: np.ndarray,
+                       emb: torch.Tensor) -> np.ndarray:
+    """len(tokens) x C rows for a sentence from its neighbour's cached rows (``nbr_rows``,
+    one per ``nbr_tokens``): per token, the mean row of the neighbour's occurrences of
+    the same word, else the row of the neighbour's word whose embedding (``emb``, V x C')
+    is the most cosine-similar."""
+    e = torch.nn.functional.normalize(emb.float().cpu(), dim=-1)
+    sim = e[torch.as_tensor(tokens)] @ e[torch.as_tensor(nbr_tokens)].T  # n x m
+    pick = sim.argmax(dim=1).numpy()
+    out = nbr_rows[pick].copy()
+    for j, w in enumerate(tokens):
+        same = nbr_tokens == w
+        if same.any():
+            out[j] = nbr_rows[same].mean(axis=0)
+    return out
+
+
+def word_table(token_lists: Sequence[np.ndarray], row_lists: Sequence[np.ndarray]) -> Dict[int, np.ndarray]:
+    """{word id: mean row} over every occurrence in the given sentences (tokens and
+    their rows, one row per token)."""
+    sums: Dict[int, np.ndarray] = {}
+    counts: Dict[int, int] = {}
+    for toks, rows in zip(token_lists, row_lists):
+        assert len(toks) == len(rows), f"{len(toks)} tokens but {len(rows)} rows"
+        for w, r in zip(toks.tolist(), rows):
+            if w in sums:
+                sums[w] += r
+                counts[w] += 1
+            else:
+                sums[w] = r.astype(np.float64)
+                counts[w] = 1
+    return {w: (sums[w] / counts[w]).astype(np.float32) for w in sums}
+
+
+def _row_tokens(view, side: str, ids: np.ndarray) -> List[np.ndarray]:
+    """Per sentence, the token each cached row belongs to: the source tokens; for the
+    target, the decoder input (eos, then the target without its final eos)."""
+    flat, off = view._token_chunk(side, np.asarray(ids, dtype=np.int64))
+    toks = [flat[off[i]: off[i + 1]] for i in range(len(ids))]
+    if side == "target":
+        eos = view.dicts["target"].eos()
+        toks = [np.concatenate([[eos], t[:-1]]).astype(np.int64) for t in toks]
+    return toks
+
+
+class _ExperimentalRebuilds:
+    """``rebuilt[token-nbr]`` and ``rebuilt[word-table]`` (module docstring) for a reader view."""
+
+    def __init__(self, view, model):
+        self.view, self.model = view, model
+        self.tables: Dict[str, Dict[int, np.ndarray]] = {}
+
+    def _table(self, side: str) -> Dict[int, np.ndarray]:
+        if side not in self.tables:
+            store = self.view.store
+            pos = np.arange(store.num_cached)
+            rows = store.read_rows(self.view.read_gen, side, pos)
+            self.tables[side] = word_table(_row_tokens(self.view, side, store.cached_ids[pos]), rows)
+        return self.tables[side]
+
+    def deltas(self, ids, side: str, mask: torch.Tensor, eps: float, project) -> Dict[str, torch.Tensor]:
+        view, store = self.view, self.view.store
+        ids = np.asarray(ids, dtype=np.int64)
+        emb = view._embedding_matrix(side, self.model)
+        toks = _row_tokens(view, side, ids)
+        table = self._table(side)
+        out = {"token-nbr": [], "word-table": []}
+        for b, i in enumerate(ids):
+            n = len(toks[b])
+            if store.pos_of[i] >= 0:  # cached: measured as `cached`, not as a rebuild
+                for k in out:
+                    out[k].append(np.zeros((n, store.dims[side]), dtype=np.float32))
+                continue
+            p = int(view.nbrs[side][i][0])
+            nbr_rows = store.read_rows(view.read_gen, side, [p])[0]
+            nbr_toks = _row_tokens(view, side, store.cached_ids[[p]])[0]
+            out["token-nbr"].append(token_aligned_rows(toks[b], nbr_toks, nbr_rows, emb))
+            mean = np.asarray(view.means[side][p], dtype=np.float32)
+            out["word-table"].append(np.stack([table.get(int(w), mean) for w in toks[b]]))
+        res = {}
+        for k, rows in out.items():
+            delta = scatter_rows(rows, mask)
+            norms = sentence_norms(delta, mask).clamp_min(1e-12)
+            res[k] = project(delta * (eps / norms).view(-1, 1, 1), mask)
+        return res
+
+
 class _Acc:
     def __init__(self):
         self.kl = 0.0
@@ -146,7 +244,7 @@ class _Acc:
 
 
 def probe_model(task, model, criterion, ids: Sequence[int], batch_size: int = 32,
-                seed: int = 0, cache=None) -> dict:
+                seed: int = 0, cache=None, experimental: bool = False) -> dict:
     """The probe on the training sentences ``ids``; see the module docstring.
 
     ``cache``: the ArchCache to read (default: the task's ``arch_cache``; none for
@@ -159,6 +257,7 @@ def probe_model(task, model, criterion, ids: Sequence[int], batch_size: int = 32
     device = next(core.parameters()).device
     view = reader_view(cache if cache is not None else getattr(task, "arch_cache", None))
     modes = _rebuild_modes(view)
+    extra = _ExperimentalRebuilds(view, core) if experimental and view is not None else None
     pad = criterion.padding_idx
     sides = list(criterion.sides)
     acc: Dict[str, Dict[str, _Acc]] = {s: {} for s in sides}
@@ -179,7 +278,7 @@ def probe_model(task, model, criterion, ids: Sequence[int], batch_size: int = 32
                     from fairseq import utils as fs_utils
 
                     batch = fs_utils.move_to_cuda(batch)
-                _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add)
+                _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add, extra)
         finally:
             criterion.sides = saved_sides
 
@@ -197,7 +296,7 @@ def probe_model(task, model, criterion, ids: Sequence[int], batch_size: int = 32
             "sentences": int(len(ids))}
 
 
-def _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add):
+def _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add, extra):
     net_input = batch["net_input"]
     masks = {"source": net_input["src_tokens"].ne(pad), "target": net_input["prev_output_tokens"].ne(pad)}
     ids = batch["id"].tolist()
@@ -252,6 +351,9 @@ def _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add):
             record(side, f"rebuilt[{mode}]", delta, "uncached")
             norms = sentence_norms(delta, masks[side]).to(delta.device)
             record(side, f"random[{mode}]", _random_like(delta, masks[side], norms, gen), "uncached")
+        if extra is not None:
+            for name, delta in extra.deltas(ids, side, masks[side], criterion.adv_eps, criterion.project).items():
+                record(side, f"rebuilt[{name}]", delta.to(fresh.device), "uncached")
 
 
 def kinds_in_order(res_side: dict) -> List[str]:

@@ -77,6 +77,10 @@ def test_probe_on_the_checkpoint(trained, tmp_path):
         assert r["fresh"]["kl"] > 0
         assert r["fresh"]["kl"] >= r["random_fresh"]["kl"], r
         assert r["random_fresh"]["kl_ratio"] <= 1.0
+        # the experimental rebuilds (benchmarks only) are sized to eps like rebuilt[eps]
+        for name in ("token-nbr", "word-table"):
+            assert r[f"rebuilt[{name}]"]["sentences"] == r["fresh_uncached"]["sentences"]
+            assert r[f"rebuilt[{name}]"]["norm"] == pytest.approx(EPS, rel=1e-3)
     # the report: markdown + json
     out = tmp_path / "out"
     from benchmarks import common
@@ -112,3 +116,28 @@ def test_probe_changes_no_rng_state_parameters_or_modes(trained):
     # the same ids give the same numbers (fixed seeds, eval mode)
     again = probe_model(task, model, crit, probe_ids(len(task.dataset("train")), 20, 0), cache=cache)
     assert again["sides"] == res["sides"]
+
+
+@pytest.mark.fast
+def test_token_aligned_rows_take_the_same_word_else_the_nearest_embedding():
+    from fairseq_arch.probe import token_aligned_rows
+
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [-1.0, 0.0]])
+    nbr_tokens = np.array([0, 1, 0])
+    nbr_rows = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], dtype=np.float32)
+    rows = token_aligned_rows(np.array([0, 2, 3, 1]), nbr_tokens, nbr_rows, emb)
+    # word 0 occurs twice in the neighbour: the mean of its rows; word 2 ~ word 0 (first
+    # occurrence's row); word 3 ~ word 1; word 1 is there
+    np.testing.assert_allclose(rows, [[2.0, 2.0], [1.0, 1.0], [2.0, 2.0], [2.0, 2.0]])
+
+
+@pytest.mark.fast
+def test_word_table_is_the_mean_row_of_each_word():
+    from fairseq_arch.probe import word_table
+
+    t = word_table([np.array([4, 5]), np.array([5, 6, 4])],
+                   [np.array([[1.0], [2.0]]), np.array([[4.0], [8.0], [3.0]])])
+    assert set(t) == {4, 5, 6}
+    np.testing.assert_allclose([t[4][0], t[5][0], t[6][0]], [2.0, 3.0, 8.0])
+    with pytest.raises(AssertionError, match="2 tokens but 1 rows"):
+        word_table([np.array([1, 2])], [np.array([[1.0]])])
