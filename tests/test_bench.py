@@ -203,6 +203,34 @@ def test_quality_pretrained_neighbours_take_the_same_seeds_none_checkpoint(tmp_p
         quality.resolve_flags(flags, str(tmp_path), 3, cfg)
 
 
+@pytest.mark.fast
+def test_quality_goal_on_the_mean_says_when_the_interval_holds_the_threshold():
+    """ARCH >= R3F is judged on the mean paired difference (as worded); when the 95% CI
+    contains the threshold the report says the result is not established."""
+    from benchmarks import quality
+
+    def run(v, seed, bleu):
+        return {"variant": v, "seed": seed, "test_sacrebleu": bleu, "method": v, "per_epoch": [],
+                "train_seconds_measured": None, "best_valid_bleu": 1.0, "best_epoch": 1, "flags": [], "epochs_run": 1,
+                "signature": "nrefs:1"}
+
+    arch, r3f, smart = [30.0, 31.0, 30.0], [30.0, 30.0, 30.5], [30.0, 30.0, 30.0]
+    results = [run(v, s + 1, b[s]) for v, b in (("arch", arch), ("r3f", r3f), ("smart", smart)) for s in range(3)]
+    md, info = quality.summarize(results, [(v, s) for v in ("arch", "r3f", "smart") for s in (1, 2, 3)], {
+        "pairs": 1, "dropout": 0.1, "lr": 1, "warmup": 1, "max_tokens": 1, "epochs": 1, "tc": 1,
+        "valid_sentences": 1, "test_sentences": 1}, None)
+    r3f_line = next(l for l in md.splitlines() if l.startswith("| ARCH >= R3F |"))
+    assert r3f_line.endswith("| met (on the mean; the 95% CI contains +0.0: not established) |"), r3f_line
+    smart_line = next(l for l in md.splitlines() if l.startswith("| ARCH >= SMART - 0.3 |"))
+    assert smart_line.endswith("| met (on the mean; the 95% CI contains -0.3: not established) |"), smart_line
+    # an interval clear of the threshold carries no such note
+    results = [run(v, s + 1, b[s]) for v, b in (("arch", [31.0, 31.2, 31.1]), ("r3f", r3f)) for s in range(3)]
+    md, _ = quality.summarize(results, [(v, s) for v in ("arch", "r3f") for s in (1, 2, 3)], {
+        "pairs": 1, "dropout": 0.1, "lr": 1, "warmup": 1, "max_tokens": 1, "epochs": 1, "tc": 1,
+        "valid_sentences": 1, "test_sentences": 1}, None)
+    assert next(l for l in md.splitlines() if l.startswith("| ARCH >= R3F |")).endswith("| met |")
+
+
 def test_quality_benchmark_reports_paired_differences_and_resumes(tmp_path):
     """A tiny quality run (200 pairs, 2 epochs, none and arch, seed 1): the report has the paired
     difference, the goals and the missing runs; each finished run is a small JSON in
