@@ -29,9 +29,11 @@ def main():
     ap.add_argument("--rss-only", action="store_true", help="cost: re-measure peak RSS only, keep the timings in cost.json")
     ap.add_argument("--scales", default="tatoeba,1000000", help="scale: comma list of 'tatoeba' or a sentence count")
     ap.add_argument("--seeds", default="1,2,3", help="quality: seeds of the --multi-seed-methods (the others: the first)")
-    ap.add_argument("--methods", default="none,arch,arch-neighbor,r3f,smart,rdrop",
+    ap.add_argument("--methods", default="none,arch,arch-neighbor,r3f,smart,rdrop,arch-p1,arch-pretrained,"
+                                          "arch-nsearch,arch-first5",
                     help="quality: variants (benchmarks/quality.py VARIANTS, or --variant)")
-    ap.add_argument("--multi-seed-methods", default="none,arch,arch-neighbor", help="quality: variants run with every seed")
+    ap.add_argument("--multi-seed-methods", default="none,arch,arch-neighbor,r3f,smart,rdrop,arch-p1,arch-pretrained",
+                    help="quality: variants run with every seed")
     ap.add_argument("--variant", action="append", metavar="NAME='FLAGS'",
                     help="quality: define a variant, e.g. --variant \"arch-tc5=--adv-method arch --arch-refresh-interval 5\"")
     ap.add_argument("--epochs", type=int, default=QUALITY_EPOCHS, help="quality: epochs per run (every method)")
