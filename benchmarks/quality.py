@@ -479,7 +479,7 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
             # judged on the mean, as the goal is worded; say so when the interval holds the threshold
             open_ = p["ci"] is not None and p["ci"][0] < thr < p["ci"][1]
             goal(text, _diff_text(p), p["mean"] >= thr,
-                 f" (on the mean; the 95% CI contains {thr:+.1f}: not established)" if open_ else "")
+                 f" (on the mean; the 95% CI contains {thr:+.1f}: established neither way)" if open_ else "")
         else:
             goal(text, "n/a", None)
     p = diffs.get(f"{GOAL_ARCH} - rdrop")

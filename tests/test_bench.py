@@ -220,9 +220,9 @@ def test_quality_goal_on_the_mean_says_when_the_interval_holds_the_threshold():
         "pairs": 1, "dropout": 0.1, "lr": 1, "warmup": 1, "max_tokens": 1, "epochs": 1, "tc": 1,
         "valid_sentences": 1, "test_sentences": 1}, None)
     r3f_line = next(l for l in md.splitlines() if l.startswith("| ARCH >= R3F |"))
-    assert r3f_line.endswith("| met (on the mean; the 95% CI contains +0.0: not established) |"), r3f_line
+    assert r3f_line.endswith("| met (on the mean; the 95% CI contains +0.0: established neither way) |"), r3f_line
     smart_line = next(l for l in md.splitlines() if l.startswith("| ARCH >= SMART - 0.3 |"))
-    assert smart_line.endswith("| met (on the mean; the 95% CI contains -0.3: not established) |"), smart_line
+    assert smart_line.endswith("| met (on the mean; the 95% CI contains -0.3: established neither way) |"), smart_line
     # an interval clear of the threshold carries no such note
     results = [run(v, s + 1, b[s]) for v, b in (("arch", [31.0, 31.2, 31.1]), ("r3f", r3f)) for s in range(3)]
     md, _ = quality.summarize(results, [(v, s) for v in ("arch", "r3f") for s in (1, 2, 3)], {
