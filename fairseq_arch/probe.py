@@ -143,8 +143,10 @@ def token_aligned_rows(tokens: np.ndarray, nbr_tokens: np.ndarray, nbr_rows: np.
     one per ``nbr_tokens``): per token, the mean row of the neighbour's occurrences of
     the same word, else the row of the neighbour's word whose embedding (``emb``, V x C')
     is the most cosine-similar."""
-    e = torch.nn.functional.normalize(emb.float().cpu(), dim=-1)
-    sim = e[torch.as_tensor(tokens)] @ e[torch.as_tensor(nbr_tokens)].T  # n x m
+    def unit(t):  # only the rows used, not the whole V x C' matrix
+        return torch.nn.functional.normalize(emb[torch.as_tensor(t, device=emb.device)].float().cpu(), dim=-1)
+
+    sim = unit(tokens) @ unit(nbr_tokens).T  # n x m
     pick = sim.argmax(dim=1).numpy()
     out = nbr_rows[pick].copy()
     for j, w in enumerate(tokens):
@@ -203,19 +205,18 @@ class _ExperimentalRebuilds:
         emb = view._embedding_matrix(side, self.model)
         toks = _row_tokens(view, side, ids)
         table = self._table(side)
-        out = {"token-nbr": [], "word-table": []}
-        for b, i in enumerate(ids):
-            n = len(toks[b])
-            if store.pos_of[i] >= 0:  # cached: measured as `cached`, not as a rebuild
-                for k in out:
-                    out[k].append(np.zeros((n, store.dims[side]), dtype=np.float32))
-                continue
-            p = int(view.nbrs[side][i][0])
-            nbr_rows = store.read_rows(view.read_gen, side, [p])[0]
-            nbr_toks = _row_tokens(view, side, store.cached_ids[[p]])[0]
-            out["token-nbr"].append(token_aligned_rows(toks[b], nbr_toks, nbr_rows, emb))
-            mean = np.asarray(view.means[side][p], dtype=np.float32)
-            out["word-table"].append(np.stack([table.get(int(w), mean) for w in toks[b]]))
+        # cached sentences are measured as `cached`, not as rebuilds: zero rows here
+        out = {k: [np.zeros((len(t), store.dims[side]), dtype=np.float32) for t in toks]
+               for k in ("token-nbr", "word-table")}
+        uncached = np.nonzero(store.pos_of[ids] < 0)[0]
+        nbr = np.asarray(view.nbrs[side][ids[uncached], 0], dtype=np.int64)  # nearest cached position each
+        # the batch's neighbours in one read each (rows, tokens)
+        nbr_rows = store.read_rows(view.read_gen, side, nbr)
+        nbr_toks = _row_tokens(view, side, store.cached_ids[nbr])
+        for j, b in enumerate(uncached):
+            out["token-nbr"][b] = token_aligned_rows(toks[b], nbr_toks[j], nbr_rows[j], emb)
+            mean = np.asarray(view.means[side][nbr[j]], dtype=np.float32)
+            out["word-table"][b] = np.stack([table.get(int(w), mean) for w in toks[b]])
         res = {}
         for k, rows in out.items():
             delta = scatter_rows(rows, mask)
