@@ -74,6 +74,27 @@ def load_embedding_matrix(path: str) -> Dict[str, torch.Tensor]:
     )
 
 
+class ReuseReader:
+    """A reuse epoch's access to the cache: ``read`` (cached rows, neighbour rebuilds)."""
+
+    def __init__(self, cache: "ArchCache"):
+        self._cache = cache
+
+    def read(self, sample_ids, side: str, mask: torch.Tensor, project: ProjectFn) -> Tuple[torch.Tensor, int, int]:
+        return self._cache.read(sample_ids, side, mask, project)
+
+
+class RefreshWriter:
+    """A refresh epoch's access to the cache: ``store_fresh`` (EMA writes)."""
+
+    def __init__(self, cache: "ArchCache"):
+        self._cache = cache
+
+    def store_fresh(self, sample_ids, side: str, fresh: torch.Tensor, mask: torch.Tensor,
+                    project: ProjectFn) -> torch.Tensor:
+        return self._cache.store_fresh(sample_ids, side, fresh, mask, project)
+
+
 class ArchCache:
     """One training run's cache controller (one per rank)."""
 
@@ -126,6 +147,7 @@ class ArchCache:
         self.last_search_seconds = 0.0
         self.last_search_backend = ""
         self.last_filled: Dict[str, int] = {}  # side -> cached rows filled at the last finalisation
+        self.access = None  # the epoch's RefreshWriter / ReuseReader (None on off epochs)
 
     # -- epoch level ------------------------------------------------------------
 
@@ -359,7 +381,7 @@ class ArchCache:
                                                  self.ball_norm, self.ball_granularity)
         return out
 
-    def begin_epoch(self, epoch: int, model) -> None:
+    def begin_epoch(self, epoch: int, model):
         if self.store is None:
             self._setup(model)
         store = self.store
@@ -393,6 +415,8 @@ class ArchCache:
         what = {"refresh": "fresh ascent", "reuse": "cache only",
                 "off": f"plain label smoothing until --arch-first-refresh-epoch {self.first_refresh_epoch}"}
         logger.info(f"ARCH epoch {epoch}: {mode} ({what[mode]})")
+        self.access = {"refresh": RefreshWriter, "reuse": ReuseReader}.get(mode, lambda c: None)(self)
+        return self.access
 
     def flush(self) -> bool:
         """Make this rank's cache writes durable (called on every rank when a checkpoint is
