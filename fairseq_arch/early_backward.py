@@ -35,17 +35,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DETACHED_TEACHER_METHODS = ("arch", "smart", "r3f")
-
-
 def detached_teacher_step(criterion) -> bool:
-    """Whether a training call of ``criterion`` takes the regularised path with a
-    detached teacher: the same conditions as the ``plain`` shortcut of its forward()
-    (an armed step that never calls the early backward is an error, not a fallback)."""
-    if getattr(criterion, "adv_method", None) not in DETACHED_TEACHER_METHODS:
-        return False
-    plain = criterion.adv_lambda == 0 or criterion._arch_off()  # `== 0`, as in forward()
-    return not plain
+    """Whether a training call of ``criterion`` takes a regularised path with a detached
+    teacher (its method's declaration, and the same ``is_plain`` its forward() asks; an
+    armed step that never calls the early backward is an error, not a fallback)."""
+    method = getattr(criterion, "method", None)
+    return method is not None and method.detached_teacher and not method.is_plain()
 
 
 def data_parallel_kind(model):
@@ -72,8 +67,8 @@ _warned = set()
 
 
 def make(enabled: bool, criterion, model, optimizer, ignore_grad: bool):
-    """An :class:`EarlyCleanBackward` for this step, or None (one joint backward, as
-    before): disabled, a method whose gradients flow through every forward, or a
+    """An :class:`EarlyCleanBackward` for this step, or None (one joint backward):
+    disabled, a method whose gradients flow through every forward, or a
     data-parallel wrapper whose reduction this has not been checked against (logged once)."""
     if not (enabled and model.training and detached_teacher_step(criterion)):
         return None

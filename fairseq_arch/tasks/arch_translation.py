@@ -25,6 +25,7 @@ from ..arch_cache import ArchCache, load_embedding_matrix
 from ..cache_math import REBUILD_NORMS
 from ..distributed import all_gather_object
 from ..injection import checkpointed
+from ..registration import register_once
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +68,8 @@ class ArchTranslationConfig(TranslationConfig):
                   "refresh), 'random' (random neighbours, the R-1-NN ablation), or a path to a "
                   "fairseq checkpoint / .npy / .pt matrix aligned with the dictionary"},
     )
-    # Default 'paper' (Eq. 3 as written), chosen by validation BLEU. The probe
-    # (benchmarks/results/probe.md, Multi30k) says Eq. 3's averaging shrinks rebuilt target sentences
-    # to 0.43 eps and their KL to 0.019 x a fresh ascent's, and 'neighbor' restores 0.089 (source
-    # 0.074 -> 0.108), as much as the cached rows (0.098-0.156); but the quality benchmark v2
-    # (Multi30k, 3 paired seeds, benchmarks/results/quality_v2) gives 'paper' the higher best
-    # validation BLEU, 27.81 vs 27.43 (mean of 3; test sacreBLEU 25.47 vs 25.21), and the README demo
-    # (toy, 1 seed) 66.12 vs 60.55. A stronger rebuilt perturbation does not translate better here.
-    # Both stay selectable.
+    # Default 'paper' (Eq. 3 as written): it gave the higher validation BLEU of the two in the
+    # quality benchmark, although 'neighbor' rebuilds a stronger perturbation (README, "Quality")
     arch_rebuild_norm: REBUILD_NORM_CHOICES = field(
         default="paper",
         metadata={"help": "size of an uncached sentence's rebuilt perturbation (Eq. 3): 'paper' = the "
@@ -126,15 +121,7 @@ def validate_arch_config(cfg) -> None:
         )
 
 
-def _register(name, dataclass):
-    # `pip install -e .` plus `--user-dir` may import this module twice under
-    # different names; registering once keeps fairseq from raising.
-    if name in TASK_REGISTRY:
-        return lambda cls: cls
-    return register_task(name, dataclass=dataclass)
-
-
-@_register("arch_translation", ArchTranslationConfig)
+@register_once(TASK_REGISTRY, register_task, "arch_translation", ArchTranslationConfig)
 class ArchTranslationTask(TranslationTask):
     """Translation whose criterion regularises with cached adversarial perturbations."""
 
@@ -155,6 +142,8 @@ class ArchTranslationTask(TranslationTask):
                     )
             self.fixed_embeddings = w
         self.arch_cache: Optional[ArchCache] = None
+        self.arch_criterion = None  # the criterion build_criterion made (its sides, ball, method)
+        self.dummy_batches = 0  # fairseq dummy batches of this rank since the last epoch start
 
     @property
     def cache_dir(self) -> str:
@@ -174,17 +163,15 @@ class ArchTranslationTask(TranslationTask):
 
     def build_criterion(self, cfg):
         criterion = super().build_criterion(cfg)
-        if not hasattr(criterion, "adv_method"):
+        if not hasattr(criterion, "method"):
             raise ValueError(
                 f"--task arch_translation needs a criterion that uses its cache "
                 f"(--criterion adversarial_label_smoothed_cross_entropy), got {type(criterion).__name__}"
             )
-        self.arch_sides = list(criterion.sides)  # the cache stores only the perturbed sides
-        # the criterion's ball: the measure in which --arch-rebuild-norm sizes rebuilt sentences
-        self.arch_ball = (float(criterion.adv_eps), str(criterion.adv_norm), str(criterion.adv_granularity))
-        # other methods (none, r3f, smart, freelb) run on this task without any cache,
-        # so every row of the paper's tables differs by flags only
-        self.arch_enabled = criterion.uses_arch_cache
+        # the cache stores only the perturbed sides, and sizes rebuilt sentences in the
+        # criterion's ball; methods without a cache run on this task too, so that every
+        # row of the paper's tables differs by flags only
+        self.arch_criterion = criterion
         return criterion
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
@@ -209,8 +196,17 @@ class ArchTranslationTask(TranslationTask):
 
     def begin_epoch(self, epoch, model):
         super().begin_epoch(epoch, model)
-        if not getattr(self, "arch_enabled", True):
-            return
+        crit = self.arch_criterion
+        if crit is None:
+            raise RuntimeError("arch_translation: begin_epoch before build_criterion (the cache needs the criterion)")
+        if crit.method.needs_cache:
+            self._advance_cache(epoch, model, crit)
+        if crit.adv_probe_sentences > 0:
+            from ..probe import log_probe
+
+            log_probe(self, model, crit, epoch, crit.adv_probe_sentences)
+
+    def _advance_cache(self, epoch, model, crit):
         if self.arch_cache is None:
             self.arch_cache = ArchCache(
                 self.cache_dir,
@@ -225,14 +221,14 @@ class ArchTranslationTask(TranslationTask):
                 fixed_embeddings=self.fixed_embeddings,
                 dtype=str(self.cfg.arch_cache_dtype),
                 seed=self.cfg.seed,
-                sides=getattr(self, "arch_sides", ("source", "target")),
+                sides=crit.sides,
                 first_refresh_epoch=self.cfg.arch_first_refresh_epoch,
                 rebuild_norm=str(self.cfg.arch_rebuild_norm),
                 neighbor_search=str(self.cfg.arch_neighbor_search),
-                ball=getattr(self, "arch_ball", (0.1, "l2", "sentence")),
+                ball=crit.space.ball,
             )
-        # every rank is here (begin_epoch is collective anyway: the cache's barrier)
-        dummies = all_gather_object(getattr(self, "dummy_batches", 0))
+        # every rank is here (begin_epoch is collective anyway: the cache's gather)
+        dummies = all_gather_object(self.dummy_batches)
         self.dummy_batches = 0
         if any(dummies):
             logger.info(f"ARCH: dummy batches per rank in the last epoch: {dummies} "
@@ -256,31 +252,24 @@ class ArchTranslationTask(TranslationTask):
         # retries): a stand-in sample, possibly from the valid set, whose ids must
         # never touch the cache. The criterion still runs both forwards so that
         # every rank's autograd graph has the same shape.
-        criterion.dummy_batch = bool(ignore_grad)
         if ignore_grad:
             # fairseq drops a dummy batch's logging outputs (and only rank 0 logs INFO):
             # counted here, reported by rank 0 at the next epoch start
-            self.dummy_batches = getattr(self, "dummy_batches", 0) + 1
-        try:
-            model.train()  # as FairseqTask.train_step: the early backward is for training steps
-            early = early_backward.make(self.early_clean_backward, criterion, model, optimizer, ignore_grad)
+            self.dummy_batches += 1
+        model.train()  # as FairseqTask.train_step: the early backward is for training steps
+        early = early_backward.make(self.early_clean_backward, criterion, model, optimizer, ignore_grad)
+        with criterion.train_step_options(dummy_batch=ignore_grad, early_backward=early):
             if early is None:
                 return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
             # FairseqTask.train_step, with the criterion's clean CE backpropagated inside it
             model.set_num_updates(update_num)
-            criterion.early_backward = early
-            try:
-                with early, torch.autograd.profiler.record_function("forward"):
-                    with torch.autocast(device_type="cuda", enabled=isinstance(optimizer, AMPOptimizer)):
-                        loss, sample_size, logging_output = criterion(model, sample)
-            finally:
-                criterion.early_backward = None
-            if ignore_grad:
-                loss *= 0
-            early.backward_rest(loss, model, sample)
-            return loss, sample_size, logging_output
-        finally:
-            criterion.dummy_batch = False
+            with early, torch.autograd.profiler.record_function("forward"):
+                with torch.autocast(device_type="cuda", enabled=isinstance(optimizer, AMPOptimizer)):
+                    loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:
+            loss *= 0
+        early.backward_rest(loss, model, sample)
+        return loss, sample_size, logging_output
 
     def state_dict(self):
         # called when fairseq saves a checkpoint: make the rows written so far

@@ -1,0 +1,18 @@
+"""``smart``: CE + lambda * KL(f(x) || f(x + delta)), delta by S projected ascent steps
+every update (the adversarial part of Jiang et al. 2020)."""
+
+from . import register_method
+from .kl_regularised import KLRegularised
+
+
+@register_method("smart")
+class SMART(KLRegularised):
+    runs_ascent = True
+
+    @staticmethod
+    def passes(steps, refresh=True):
+        # Table 1 counts 1 + S: it leaves out the forward at the random start
+        return steps + 2, steps + 1
+
+    def perturbation(self, core, sample, masks, teacher, result):
+        return self.fresh(core, sample, masks, teacher, self.noise_key(), result)
