@@ -21,7 +21,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from .. import early_backward
-from ..arch_cache import ArchCache, load_embedding_matrix
+from ..cache import ArchCache, load_embedding_matrix
 from ..cache_math import REBUILD_NORMS
 from ..distributed import all_gather_object
 from ..injection import checkpointed

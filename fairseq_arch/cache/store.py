@@ -1,0 +1,361 @@
+"""Disk-backed, memory-mapped perturbation cache (paper Alg. 2-3): the files of one
+``--arch-cache-dir``. Only this module (and the modules it delegates to: layout,
+shards, epoch_tables) names cache files.
+
+Layout of ``--arch-cache-dir``::
+
+    layout.json            fingerprint: data sizes, dims, p, seed, dtype, K, sides (layout.py)
+    cached_ids.npy         sorted dataset indices of the cached sentences (M) (layout.py)
+    owner.token            a fresh token of the process group that opened the dir: every
+                           rank must read rank 0's back (one dir shared by all nodes)
+    state.json             which generation is current / being written
+    gen-e0001/             one generation per refresh epoch (here epoch 1)
+        source.bin         M ragged token rows of the source side, [sum len x C] raw dtype
+        target.bin         same for the target side (decoder input positions)
+        source_mean.npy    M x C float32, word-averaged row of each cached sentence
+        source_norm.npy    M float32, each cached sentence's size in the ball's measure
+                           (--adv-norm / --adv-granularity; --arch-rebuild-norm neighbor)
+        source_nbr.npy     N x K int32, cached positions of each sentence's neighbours
+        source_nbr_db.npy  the cached positions a batch wrote, among which neighbours are
+                           searched (only when some rows got no batch; see finalize.py)
+        target_*.npy       same for the target side
+        source.written     while being written: one byte per cached sentence, 1 once a
+                           batch wrote its row (removed when the generation is complete)
+        source.r00001.shard  while being written: the rows rank 1 wrote since the
+                           last merge (an append-only log, see shards.py)
+        COMPLETE           written last (epoch, checksums of every .bin/.npy, the
+                           sizes' measure); a generation without it is never read
+    gen-e0003.tmp/         a generation being created (renamed when whole)
+    neighbors/e0004/       --arch-neighbor-search epoch: the table searched at the start
+                           of reuse epoch 4 (<side>_nbr.npy, INFO.json; epoch_tables.py)
+
+Crash consistency. A refresh epoch writes a *new* generation (copied from the current
+one, then updated row by row with the EMA), so the generation being read is never
+modified; ``state.json`` is replaced atomically once the new generation is complete.
+Every JSON and ``.npy`` file is written under a temporary name and renamed. Process
+memory does not grow with the cached tokens: rows are read through ``numpy.memmap``
+and only the touched pages are resident. Rows of a refresh reach the ``.bin`` files
+through per-rank shards that rank 0 merges (shards.py: why, on NFS).
+"""
+
+import os
+import shutil
+import uuid
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .epoch_tables import EpochNeighborTables
+from .faults import fault_point
+from .files import (DAMAGED, CacheCorruptError, atomic_save_npy, atomic_write_json, atomic_write_text,
+                    check_size, crc32_problem, disk_error, file_crc32, read_json_dict)
+from .layout import SIDES, CacheLayout
+from .shards import ShardLog
+
+STATE_FILE = "state.json"
+TOKEN_FILE = "owner.token"
+COMPLETE = "COMPLETE"
+# suffix of a generation's per-side "row written by a batch" flags (only while it is
+# being written; not a .bin/.npy, so not part of the checksums of a complete one)
+WRITTEN = ".written"
+# the per-side arrays of a generation, by what they hold
+ARRAYS = {"means": "_mean.npy", "sizes": "_norm.npy", "neighbors": "_nbr.npy", "neighbor_db": "_nbr_db.npy"}
+
+
+def check_state(path: str, state: dict) -> dict:
+    """state.json: {"current": None | {name, epoch}, "in_progress": None | {name, epoch, base}}."""
+    def bad(why):
+        return CacheCorruptError(f"{path} is invalid ({why}): {DAMAGED}")
+
+    for key, fields in (("current", ("name", "epoch")), ("in_progress", ("name", "epoch", "base"))):
+        if key not in state:
+            raise bad(f"no {key!r} entry")
+        entry = state[key]
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or any(f not in entry for f in fields):
+            raise bad(f"{key!r} must be null or an object with {list(fields)}, got {entry!r}")
+        if not isinstance(entry["name"], str) or not entry["name"].startswith("gen-") \
+                or type(entry["epoch"]) is not int or entry["epoch"] < 1:
+            raise bad(f"{key!r} must name a generation gen-* and a positive integer epoch, got {entry!r}")
+        if key == "in_progress" and not (entry["base"] is None or isinstance(entry["base"], str)):
+            raise bad(f"'in_progress' base must be null or a generation name, got {entry['base']!r}")
+    return state
+
+
+class PerturbationCacheStore:
+    """Files of one cache directory; knows nothing about models or batches."""
+
+    def __init__(self, cache_dir: str, src_sizes: np.ndarray, tgt_sizes: np.ndarray, dims: Dict[str, int],
+                 fraction: float, seed: int, dtype: str, num_neighbors: int, rank: int = 0):
+        self.dir = cache_dir
+        self.layout = CacheLayout(cache_dir, src_sizes, tgt_sizes, dims, fraction, seed, dtype, num_neighbors)
+        self.shards = ShardLog(self.layout, rank)  # the rank whose shards this process writes
+        self.epoch_tables = EpochNeighborTables(os.path.join(cache_dir, "neighbors"))
+        self._state_path = os.path.join(cache_dir, STATE_FILE)
+        self._token_path = os.path.join(cache_dir, TOKEN_FILE)
+        self._maps: Dict[str, np.memmap] = {}
+
+    # the layout's fixed facts, read through the store
+    sides = property(lambda self: self.layout.sides)
+    dims = property(lambda self: self.layout.dims)
+    dtype = property(lambda self: self.layout.dtype)
+    n_sentences = property(lambda self: self.layout.n_sentences)
+    lengths_all = property(lambda self: self.layout.lengths_all)
+    fingerprint = property(lambda self: self.layout.fingerprint)
+    cached_ids = property(lambda self: self.layout.cached_ids)
+    num_cached = property(lambda self: self.layout.num_cached)
+    pos_of = property(lambda self: self.layout.pos_of)
+    lengths = property(lambda self: self.layout.lengths)
+    offsets = property(lambda self: self.layout.offsets)
+    rank = property(lambda self: self.shards.rank)
+
+    def expected_bytes(self, side: str) -> int:
+        return self.layout.expected_bytes(side)
+
+    # -- layout and owner token ---------------------------------------------------
+
+    def create_or_check(self) -> str:
+        """Rank 0: make the layout (or check an existing one against this run) and
+        stamp the dir with a fresh token; returns the token."""
+        os.makedirs(self.dir, exist_ok=True)
+        if not self.layout.check_existing():
+            # layout.json is written last when a cache dir is made: without it the dir is
+            # new (or its creation was cut short), unless generations exist -- then it was
+            # lost, and remaking the layout would reset state.json and orphan them
+            gens = sorted(e for e in os.listdir(self.dir) if e.startswith("gen-"))
+            if gens:
+                raise CacheCorruptError(f"{self.layout.path} is missing but the dir holds {gens}: {DAMAGED}")
+            self.layout.write_ids()
+            self.write_state({"current": None, "in_progress": None})
+            atomic_write_json(self.layout.path, self.fingerprint)
+        token = uuid.uuid4().hex
+        atomic_write_text(self._token_path, token)
+        return token
+
+    def read_token(self) -> Optional[str]:
+        try:
+            with open(self._token_path) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    def open_layout(self) -> None:
+        """Load the (immutable) layout; every rank calls this after rank 0 made it."""
+        self.layout.open()
+
+    # -- state ---------------------------------------------------------------------
+
+    def read_state(self) -> dict:
+        return check_state(self._state_path, read_json_dict(self._state_path))
+
+    def write_state(self, state: dict) -> None:
+        atomic_write_json(self._state_path, state)
+
+    @staticmethod
+    def gen_name(epoch: int) -> str:
+        return f"gen-e{epoch:04d}"
+
+    def gen_dir(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def is_complete(self, name: Optional[str]) -> bool:
+        return name is not None and os.path.exists(os.path.join(self.gen_dir(name), COMPLETE))
+
+    def _bin(self, name: str, side: str) -> str:
+        return os.path.join(self.gen_dir(name), f"{side}.bin")
+
+    def _flags(self, name: str, side: str) -> str:
+        return os.path.join(self.gen_dir(name), f"{side}{WRITTEN}")
+
+    # -- generations ---------------------------------------------------------------
+
+    def create_generation(self, name: str, base: Optional[str]) -> None:
+        """A new writable generation: a byte copy of ``base`` (or zeros), written
+        under a temporary name and renamed when whole. Its files are fully
+        allocated now, so a full disk fails here with a clear error, not later
+        with SIGBUS on a memory-mapped write."""
+        d = self.gen_dir(name)
+        tmp = d + ".tmp"
+        for stale in (d, tmp):
+            if os.path.exists(stale):
+                shutil.rmtree(stale)
+        try:
+            os.makedirs(tmp)
+            for side in self.sides:
+                path = os.path.join(tmp, f"{side}.bin")
+                if base is not None:
+                    shutil.copyfile(self._bin(base, side), path)
+                else:
+                    with open(path, "wb") as f:
+                        if self.expected_bytes(side) > 0:
+                            os.posix_fallocate(f.fileno(), 0, self.expected_bytes(side))
+                # one byte per cached sentence, set when a batch writes its row: rows
+                # no batch of the refresh wrote are found (and filled) at finalisation
+                with open(os.path.join(tmp, f"{side}{WRITTEN}"), "wb") as f:
+                    f.write(bytes(self.num_cached))
+            fault_point(f"create_generation@{name}")
+            os.replace(tmp, d)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_error(e, f"creating cache generation {d} "
+                                f"({sum(self.expected_bytes(s) for s in self.sides)} bytes)") from e
+
+    def perturbation_rows(self, name: str, side: str) -> np.ndarray:
+        """Every cached token row of a side (``sum len x C``, memory-mapped, read-only)."""
+        key = f"{name}/{side}/r"
+        if key not in self._maps:
+            path = self._bin(name, side)
+            check_size(path, self.expected_bytes(side))
+            rows = self.layout.row_count(side)
+            if rows == 0:
+                self._maps[key] = np.zeros((0, self.dims[side]), dtype=self.dtype)
+            else:
+                self._maps[key] = np.memmap(path, dtype=self.dtype, mode="r", shape=(rows, self.dims[side]))
+        return self._maps[key]
+
+    def close_maps(self) -> None:
+        """Drop the memory maps; close this process's shards (which makes what it
+        appended visible to rank 0 on another node: NFS close-to-open)."""
+        for m in self._maps.values():
+            if isinstance(m, np.memmap) and m.mode != "r":
+                m.flush()
+        self._maps = {}
+        self.shards.close()
+
+    def read_rows(self, name: str, side: str, positions: Sequence[int]) -> List[np.ndarray]:
+        """The rows at cached ``positions`` as float32. Of a generation being written,
+        the rows this process wrote (its open shard) are read back as written."""
+        mm = self.perturbation_rows(name, side)
+        off = self.offsets[side]
+        shard = self.shards.opened(self.gen_dir(name), side)
+        out = []
+        for p in positions:
+            row = None if shard is None else self.shards.read_back(shard, side, p)
+            out.append(np.asarray(mm[off[p]: off[p + 1]], dtype=np.float32) if row is None else row)
+        return out
+
+    def write_rows(self, name: str, side: str, positions: Sequence[int], rows: Sequence[np.ndarray],
+                   mark_written: bool = True) -> None:
+        """Append rows to this process's shard of generation ``name``: they reach its
+        ``.bin`` file when rank 0 merges the shards. ``mark_written``: the rows come from
+        batches (sets their write flags then)."""
+        off = self.offsets[side]
+        positions = [int(p) for p in positions]
+        rows = list(rows)
+        for p, r in zip(positions, rows):
+            assert r.shape == (off[p + 1] - off[p], self.dims[side]), (
+                f"row of cached sentence {p} has shape {r.shape}")
+        if positions:
+            self.shards.append(self.gen_dir(name), side, positions, rows, written=mark_written)
+
+    def take_shard_sizes(self) -> Dict[str, int]:
+        return self.shards.take_sizes()
+
+    def expect_shards(self, reports: Sequence[Dict[str, int]]) -> None:
+        self.shards.expect(reports)
+
+    def merge_shards(self, name: str) -> Dict[str, int]:
+        """Rank 0, while the other ranks wait with their shards closed: fold every shard
+        of generation ``name`` into its ``.bin`` files (rank order, then record order: the
+        last record of a position wins) and its write flags, make both durable, then
+        delete the shards. Idempotent: cut short, it is redone from the same shards.
+        Returns the records merged per side."""
+        merged = {}
+        shards = self.shards.gather(self.gen_dir(name))
+        for side, paths in shards.items():
+            if not paths:
+                continue
+            merged[side], written = self.shards.merge_side(self._bin(name, side), side, paths)
+            if written.any():
+                flags = self._written_map(name, side)
+                flags[written] = 1
+                flags.flush()
+        for path in (p for paths in shards.values() for p in paths):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        return merged
+
+    def _written_map(self, name: str, side: str) -> np.memmap:
+        """The writable per-sentence "row written" flags of a generation being written."""
+        key = f"{name}/{side}{WRITTEN}/w"
+        if key not in self._maps:
+            path = self._flags(name, side)
+            check_size(path, self.num_cached)
+            self._maps[key] = np.memmap(path, dtype=np.uint8, mode="r+", shape=(self.num_cached,))
+        return self._maps[key]
+
+    def written_flags(self, name: str, side: str) -> np.ndarray:
+        """M bools: which cached rows a batch wrote in this generation, as of the last
+        merge of its shards."""
+        return np.asarray(self._written_map(name, side)) != 0
+
+    def remove_written_flags(self, name: str) -> None:
+        """After finalisation the flags mean nothing: the generation is read-only."""
+        for side in self.sides:
+            self._maps.pop(f"{name}/{side}{WRITTEN}/w", None)
+            if os.path.exists(self._flags(name, side)):
+                os.remove(self._flags(name, side))
+
+    def flush(self, name: str) -> None:
+        """Make this process's writes to generation ``name`` durable: memory maps and its
+        shards (fsync, and the directory that holds them)."""
+        for key, m in self._maps.items():
+            if key.startswith(name + "/") and isinstance(m, np.memmap) and m.mode != "r":
+                m.flush()
+        self.shards.flush(self.gen_dir(name))
+
+    # -- a generation's arrays (ARRAYS) ---------------------------------------------
+
+    def _array_path(self, name: str, side: str, kind: str) -> str:
+        return os.path.join(self.gen_dir(name), side + ARRAYS[kind])
+
+    def save_array(self, name: str, side: str, kind: str, arr: np.ndarray) -> None:
+        path = self._array_path(name, side, kind)
+        try:
+            atomic_save_npy(path, arr)
+        except OSError as e:
+            raise disk_error(e, f"writing {path}") from e
+
+    def load_array(self, name: str, side: str, kind: str) -> np.ndarray:
+        """A generation's array, memory-mapped."""
+        return np.load(self._array_path(name, side, kind), mmap_mode="r")
+
+    def has_array(self, name: str, side: str, kind: str) -> bool:
+        return os.path.exists(self._array_path(name, side, kind))
+
+    # -- complete generations ---------------------------------------------------------
+
+    def mark_complete(self, name: str, info: dict) -> None:
+        """Seal a generation: checksums of all its files, then the COMPLETE marker."""
+        self.flush(name)
+        d = self.gen_dir(name)
+        files = sorted(f for f in os.listdir(d) if f.endswith((".bin", ".npy")))
+        info = dict(info, crc32={f: file_crc32(os.path.join(d, f)) for f in files})
+        atomic_write_json(os.path.join(d, COMPLETE), info)
+
+    def generation_info(self, name: str) -> dict:
+        """The COMPLETE record of a complete generation."""
+        return read_json_dict(os.path.join(self.gen_dir(name), COMPLETE))
+
+    def verify_generation(self, name: str) -> None:
+        """Detect truncated or modified files of a complete generation."""
+        d = self.gen_dir(name)
+        if not self.is_complete(name):
+            raise CacheCorruptError(f"{d} is not a complete cache generation ({COMPLETE} missing)")
+        for side in self.sides:
+            check_size(self._bin(name, side), self.expected_bytes(side))
+        problem = crc32_problem(d, self.generation_info(name).get("crc32", {}))
+        if problem is not None:
+            raise CacheCorruptError(f"{problem}; delete the cache dir to recompute it")
+
+    def remove_generations_except(self, keep: Sequence[str]) -> None:
+        self.close_maps()
+        for entry in os.listdir(self.dir):
+            if entry.startswith("gen-") and entry not in keep:
+                shutil.rmtree(os.path.join(self.dir, entry), ignore_errors=True)
+
+
+__all__ = ["PerturbationCacheStore", "SIDES", "WRITTEN", "ARRAYS", "check_state"]
