@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from fairseq_arch.in_process import PLUGIN_FLAGS as ARCH_FLAGS, build_from_flags  # noqa: F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_arch")
 SHARED = os.path.abspath(os.path.join(REPO, "..", "shared", "data"))
@@ -77,34 +79,6 @@ IWSLT_MODEL = ["--arch", "transformer_iwslt_de_en", "--share-all-embeddings"]
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
-
-
-ARCH_FLAGS = ["--user-dir", USER_DIR, "--task", "arch_translation",
-              "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
-
-
-def build_from_flags(argv, cuda: bool = False):
-    """(cfg, task, model, criterion) exactly as fairseq-train builds them from its
-    command line ``argv`` (data directory first; the last of a repeated flag wins),
-    with the training split loaded; the model moved to the GPU when ``cuda``.
-
-    The one builder of the repository: the benchmarks' :func:`build` and the tests'
-    ``tests.utils.build_components`` differ only in the flags they pass."""
-    from fairseq import options, tasks, utils
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, list(argv))
-    cfg = convert_namespace_to_omegaconf(args)
-    utils.import_user_module(cfg.common)
-    torch.manual_seed(cfg.common.seed)
-    task = tasks.setup_task(cfg.task)
-    task.load_dataset("train")
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    if cuda:
-        model = model.cuda()
-    return cfg, task, model, criterion
 
 
 def build(data_bin: str, save_dir: str, extra=()):

@@ -150,7 +150,7 @@ class Recorder:
         )
         from fairseq_arch.perturbation import sentence_norms
 
-        real_fwd, real_pert = Crit.forward, Crit._perturbed_forward
+        real_fwd, real_pert = Crit.forward, Crit.perturbed_forward
         rec = self
         seen = []
 
@@ -169,8 +169,8 @@ class Recorder:
                          net_input["src_tokens"].ne(crit.padding_idx)))
             return real_pert(crit, model, net_input, delta)
 
-        Crit.forward, Crit._perturbed_forward = forward, perturbed
-        return lambda: (setattr(Crit, "forward", real_fwd), setattr(Crit, "_perturbed_forward", real_pert))
+        Crit.forward, Crit.perturbed_forward = forward, perturbed
+        return lambda: (setattr(Crit, "forward", real_fwd), setattr(Crit, "perturbed_forward", real_pert))
 
 
 class LogCapture(logging.Handler):

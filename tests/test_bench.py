@@ -100,17 +100,15 @@ def test_cost_benchmark_counts_are_what_the_criterion_logs(small_toy, tmp_path):
     """benchmarks/cost.py prices each method by a table of forward/backward counts:
     it must be the count the criterion itself logs when it runs each method."""
     from benchmarks import cost
-    from fairseq_arch.criterions.adversarial_label_smoothed_cross_entropy import (
-        AdversarialLabelSmoothedCrossEntropyCriterion as Crit,
-    )
+    from fairseq_arch.in_process import criterion_with
 
     steps = 2
-    _, task, model, arch = utils.build_components(
+    cfg, task, model, arch = utils.build_components(
         small_toy, ["--adv-steps", str(steps), "--arch-refresh-interval", "2"], save_dir=str(tmp_path))
     batches = utils.batches(task)
     task.begin_epoch(1, model)
     model.train()
-    logged = {m: Crit(task, False, 0.1, adv_method=m, adv_steps=steps)(model, batches[0])[2]
+    logged = {m: criterion_with(cfg, task, adv_method=m)(model, batches[0])[2]
               for m in ("none", "r3f", "smart", "freelb", "rdrop")}
     refresh = [arch(model, b)[2] for b in batches]  # fills the cache for the reuse epoch
     logged["arch-refresh"] = refresh[0]

@@ -28,9 +28,10 @@ import traceback
 import pytest
 import torch
 
-import fairseq_arch.criterions.adversarial_label_smoothed_cross_entropy as crit_mod
+import fairseq_arch.methods.ascent as ascent_mod
 from benchmarks.cost import LiveTensorBytes
 from fairseq_arch import early_backward
+from fairseq_arch.perturbation import Teacher
 
 from . import utils
 
@@ -139,8 +140,8 @@ def test_skipped_regulariser_still_trains_on_the_clean_ce(data_dir, tmp_path, mo
     """A non-finite KL is dropped (criterion): with the early backward the CE's gradient
     is already in .grad and the trainer's backward has nothing left to do; the update is
     the plain CE's, bit for bit as without the early backward."""
-    real = crit_mod.Teacher.divergence
-    monkeypatch.setattr(crit_mod.Teacher, "divergence", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = Teacher.divergence
+    monkeypatch.setattr(Teacher, "divergence", lambda *a, **k: real(*a, **k) * float("inf"))
     calls = count_early_calls(monkeypatch)
     early = trainer_update(data_dir, tmp_path / "early", "arch", True, reuse=True)
     joint = trainer_update(data_dir, tmp_path / "joint", "arch", False, reuse=True)
@@ -247,29 +248,30 @@ def test_ascent_with_frozen_parameters_finds_the_same_delta(data_dir, tmp_path, 
     net_input = batch["net_input"]
     masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
     with torch.no_grad():
-        teacher, target = crit._lprobs_fp32(model, model(**net_input), batch)
+        lprobs, target = crit.lprobs_fp32(model, model(**net_input), batch)
+    teacher = crit.teacher(lprobs, target, batch)
     frozen_seen = []
-    real_forward = crit._perturbed_forward
+    real_forward = crit.perturbed_forward
 
     def forward(m, *a, **k):
         frozen_seen.append(not any(p.requires_grad for p in m.parameters()))
         return real_forward(m, *a, **k)
 
-    monkeypatch.setattr(crit, "_perturbed_forward", forward)
+    monkeypatch.setattr(crit, "perturbed_forward", forward)
 
     def ascent():
-        return crit._ascent(model, batch, teacher, target.ne(1), masks, 1, {"fwd": 0, "bwd": 0})
+        return crit.fresh_perturbation(model, batch, teacher, masks, 1)
 
     frozen = ascent()
     assert frozen_seen == [True, True]
-    monkeypatch.setattr(crit_mod, "frozen_parameters", lambda m: contextlib.nullcontext())
+    monkeypatch.setattr(ascent_mod, "frozen_parameters", lambda m: contextlib.nullcontext())
     trainable = ascent()
     assert frozen_seen[2:] == [False, False]
     for side in frozen:
         assert torch.equal(frozen[side], trainable[side]), side
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     monkeypatch.undo()
-    monkeypatch.setattr(crit, "_perturbed_forward", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(crit, "perturbed_forward", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ascent()
     assert all(p.requires_grad for p in model.parameters())
@@ -325,12 +327,12 @@ def _ddp_rank(rank, port, data_dir, root, scenarios):
                 ddp = trainer.model.module
                 assert isinstance(ddp, CpuDDP), type(ddp)
                 ddp.register_comm_hook(reductions, counting_hook)
-            real = crit_mod.Teacher.divergence
+            real = Teacher.divergence
             if skip and rank == 1:  # a non-finite ascent on rank 1 only: its regulariser is skipped
-                crit_mod.Teacher.divergence = lambda *a, **k: real(*a, **k) * float("nan")
+                Teacher.divergence = lambda *a, **k: real(*a, **k) * float("nan")
             task.begin_epoch(1, trainer.model)
             log = trainer.train_step(batches[2 * rank:2 * rank + 2])
-            crit_mod.Teacher.divergence = real
+            Teacher.divergence = real
             torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
                         "buckets": reductions["buckets"], "skipped": log.get("adv_skipped")},

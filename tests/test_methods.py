@@ -68,6 +68,7 @@ def test_table1_counts_per_method(data_dir, tmp_path, monkeypatch, method, want,
     fwd, bwd, log = counted_step(model, crit, utils.batches(task)[0], monkeypatch)
     assert (fwd, bwd) == want(steps)
     assert (log["adv_fwd"], log["adv_bwd"]) == want(steps)  # what the training log reports
+    assert crit.method.passes(steps) == want(steps)  # what the method declares
 
 
 class _UnshortcutZero(float):
@@ -107,21 +108,15 @@ def test_lambda_zero_is_exactly_none(data_dir, tmp_path, method, through):
     assert all(torch.equal(a, b) for a, b in zip(ga, gb)), "lambda = 0 changed a parameter gradient"
 
 
-def test_freelb_gradient_is_the_mean_of_its_steps(data_dir, tmp_path):
+def test_freelb_gradient_is_the_mean_of_its_steps(data_dir, tmp_path, monkeypatch):
     task, model, crit = build(data_dir, tmp_path, "freelb", ["--adv-steps", "2"], task="translation")
     batch = utils.batches(task)[0]
-    used = []
-    real = crit._perturbed_forward
-
-    def record(m, net_input, delta):
-        used.append({k: v.detach().clone() for k, v in delta.items()})
-        return real(m, net_input, delta)
-
-    crit._perturbed_forward = record
+    real = crit.perturbed_forward
+    used = utils.record_deltas(crit, monkeypatch)
     loss, _, log = crit(model, batch)
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
-    crit._perturbed_forward = real
+    monkeypatch.undo()
     assert len(used) == 3
     # the deltas move (ascent) and stay in the ball
     assert not torch.equal(used[0]["source"], used[1]["source"])
@@ -135,7 +130,7 @@ def test_freelb_gradient_is_the_mean_of_its_steps(data_dir, tmp_path):
 
 def test_r3f_uses_small_gaussian_noise_and_symmetric_kl(data_dir, tmp_path):
     task, model, crit = build(data_dir, tmp_path, "r3f", task="translation")
-    assert crit.adv_init == "normal" and crit.adv_init_scale == 1e-5 and crit.adv_kl == "symmetric"
+    assert crit.space.init_kind == "normal" and crit.space.init_scale == 1e-5 and crit.adv_kl == "symmetric"
     batch = utils.batches(task)[0]
     _, _, log = crit(model, batch)
     mean_norm = log["adv_delta_norm"] / log["adv_delta_count"]

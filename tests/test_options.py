@@ -3,7 +3,7 @@ pure functions alone): each test asserts an effect the option must have on the
 perturbations the model is trained on, on the logged loss, or on the cache.
 
 The deltas are recorded where the criterion feeds them to a perturbed forward
-(``crit._perturbed_forward``); epochs are driven as in test_criterion.py.
+(``crit.perturbed_forward``); epochs are driven as in test_criterion.py.
 """
 
 import os
@@ -30,16 +30,7 @@ build = utils.build_for_training
 
 def record_deltas(crit, monkeypatch):
     """Every delta fed to a perturbed forward, with the padding mask of its side."""
-    seen = []
-    real = crit._perturbed_forward
-
-    def record(model, net_input, delta):
-        masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
-        seen.append({k: (v.detach().clone(), masks[k]) for k, v in delta.items()})
-        return real(model, net_input, delta)
-
-    monkeypatch.setattr(crit, "_perturbed_forward", record)
-    return seen
+    return utils.record_deltas(crit, monkeypatch, with_masks=True)
 
 
 def run_epoch(task, model, crit, epoch, batches):
@@ -68,7 +59,7 @@ def test_adv_sides_perturbs_and_caches_only_that_side(data_dir, tmp_path, monkey
         assert d[side][0].abs().sum() > 0, "the chosen side is not perturbed"
     cache = task.arch_cache
     assert cache.store.sides == [side], cache.store.sides
-    gen_files = os.listdir(os.path.join(cache.store.dir, cache.read_gen))
+    gen_files = os.listdir(os.path.join(cache.store.dir, cache.access.generation))
     assert any(f.startswith(side) for f in gen_files), gen_files
     assert not any(f.startswith(other) for f in gen_files), f"the cache holds {other} files: {gen_files}"
 
@@ -168,14 +159,14 @@ def _neighbour_table(data_dir, tmp_path, source):
     task.begin_epoch(2, model)  # finalises the refresh: neighbours searched here
     cache = task.arch_cache
     uncached = np.nonzero(cache.store.pos_of < 0)[0]
-    nbr = np.asarray(cache.store.load_array(cache.read_gen, "source_nbr.npy"))[uncached, 0]
+    nbr = np.asarray(cache.store.load_array(cache.access.generation, "source", "neighbors"))[uncached, 0]
     return task, model, cache, uncached, nbr
 
 
 def _similarities(cache, uncached, w):
     """cosine similarity of each uncached sentence to each cached one, by mean embedding in w."""
-    q = normalize_rows(cache._vectors("source", uncached, w))
-    db = normalize_rows(cache._vectors("source", cache.store.cached_ids, w))
+    q = normalize_rows(cache.search.sentence_vectors("source", uncached, w))
+    db = normalize_rows(cache.search.sentence_vectors("source", cache.store.cached_ids, w))
     return q @ db.t()
 
 
@@ -239,8 +230,8 @@ def test_ema_zero_stores_the_fresh_perturbation(data_dir, tmp_path, monkeypatch,
     run_epoch(task, model, crit, 1, batches)
     run_epoch(task, model, crit, 2, batches[:1])
     fresh = []
-    real_ascent = crit._ascent
-    monkeypatch.setattr(crit, "_ascent", lambda *a, **k: fresh.append(real_ascent(*a, **k)) or fresh[-1])
+    real_ascent = crit.ascent.run
+    monkeypatch.setattr(crit.ascent, "run", lambda *a, **k: fresh.append(real_ascent(*a, **k)) or fresh[-1])
     seen = record_deltas(crit, monkeypatch)
     logs = run_epoch(task, model, crit, 3, batches[:1])
     assert task.arch_cache.mode == "refresh" and logs[0]["arch_fresh"] == len(batches[0]["id"])

@@ -18,7 +18,9 @@ import logging
 import pytest
 import torch
 
-from fairseq_arch.criterions import adversarial_label_smoothed_cross_entropy as C
+from fairseq_arch.methods.ascent import AscentScaler
+from fairseq_arch.methods.r3f import NOISE_FLOOR
+from fairseq_arch.perturbation import Teacher
 from fairseq_arch.injection import perturbed_embeddings, unwrap_model
 
 from . import utils
@@ -30,7 +32,7 @@ def data_dir(small_toy):
 
 
 def _ascent(crit, model, batch, dtype):
-    """(initial delta, delta after the S ascent steps, counts) of ``crit._ascent`` with the
+    """(initial delta, delta after the S ascent steps, counts) of the criterion's fresh ascent with the
     model's forwards under CPU autocast to ``dtype`` (None: fp32)."""
     net_input = batch["net_input"]
     masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
@@ -38,9 +40,9 @@ def _ascent(crit, model, batch, dtype):
     ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
     counts = {"fwd": 0, "bwd": 0}
     with ctx:
-        teacher, target = crit._lprobs_fp32(model, model(**net_input), batch)
-        init = crit._init(core, batch, masks, 1)
-        delta = crit._ascent(core, batch, teacher.detach(), target.ne(1), masks, 1, counts)
+        lprobs, target = crit.lprobs_fp32(model, model(**net_input), batch)
+        init = crit.space.init(core, batch, masks, 1)
+        delta = crit.fresh_perturbation(core, batch, crit.teacher(lprobs, target, batch), masks, 1, counts=counts)
     return init, delta, counts
 
 
@@ -55,8 +57,8 @@ def _moves(init, delta, ref_init, ref_delta):
 
 
 def _scaled_divergence(monkeypatch, factor):
-    real = C.Teacher.divergence
-    monkeypatch.setattr(C.Teacher, "divergence", lambda *a, **k: real(*a, **k) * factor)
+    real = Teacher.divergence
+    monkeypatch.setattr(Teacher, "divergence", lambda *a, **k: real(*a, **k) * factor)
 
 
 def test_amp_ascent_moves_delta_as_in_fp32(data_dir, tmp_path, monkeypatch):
@@ -75,8 +77,8 @@ def test_amp_ascent_moves_delta_as_in_fp32(data_dir, tmp_path, monkeypatch):
     for side, (moved, cos) in _moves(init, delta, ref_init, ref_delta).items():
         assert moved > 0.5, f"{side}: delta moved {moved:.3f} x its initial norm under fp16 autocast"
         assert cos > 0.9, f"{side}: the fp16 ascent's move has cosine {cos:.3f} with the fp32 one"
-    assert counts == {"fwd": crit.adv_steps, "bwd": crit.adv_steps}  # no retry was needed
-    assert crit._ascent_scale(unwrap_model(model)) == 1.0  # outside autocast: fp32, unscaled
+    assert counts == {"fwd": crit.ascent.steps, "bwd": crit.ascent.steps}  # no retry was needed
+    assert crit.ascent.scaler.scale_for(unwrap_model(model)) == 1.0  # outside autocast: fp32, unscaled
 
 
 def test_amp_ascent_overflow_is_retried_at_a_smaller_scale(data_dir, tmp_path, monkeypatch):
@@ -89,41 +91,60 @@ def test_amp_ascent_overflow_is_retried_at_a_smaller_scale(data_dir, tmp_path, m
     _scaled_divergence(monkeypatch, 100.0)
     ref_init, ref_delta, _ = _ascent(crit, model, batch, None)
     init, delta, counts = _ascent(crit, model, batch, torch.float16)
-    scale = crit._ascent_scale_now
-    assert scale < C.ASCENT_SCALE_INIT, "the starting scale did not overflow: the test checks nothing"
-    retries = counts["fwd"] // crit.adv_steps - 1
-    assert counts == {"fwd": crit.adv_steps * (retries + 1), "bwd": crit.adv_steps * (retries + 1)}
-    assert scale == C.ASCENT_SCALE_INIT / 2 ** retries and 1 <= retries <= C.ASCENT_SCALE_RETRIES
+    scaler, steps = crit.ascent.scaler, crit.ascent.steps
+    scale = scaler.scale
+    assert scale < scaler.init_scale, "the starting scale did not overflow: the test checks nothing"
+    retries = counts["fwd"] // steps - 1
+    assert counts == {"fwd": steps * (retries + 1), "bwd": steps * (retries + 1)}
+    assert scale == scaler.init_scale / 2 ** retries and 1 <= retries <= scaler.max_retries
     for side, (moved, cos) in _moves(init, delta, ref_init, ref_delta).items():
         assert torch.isfinite(delta[side]).all()
         assert moved > 0.5 and cos > 0.9, (side, moved, cos)
     # the next batch starts at the reduced scale: no retry
     _, _, counts = _ascent(crit, model, batch, torch.float16)
-    assert counts["fwd"] == crit.adv_steps and crit._ascent_scale_now == scale
+    assert counts["fwd"] == steps and scaler.scale == scale
 
 
-def test_ascent_scale_halves_on_overflow_and_grows_back(data_dir, tmp_path):
-    _, task, model, crit = utils.build_components(data_dir, ["--adv-method", "smart"], save_dir=str(tmp_path))
+def test_ascent_scale_halves_on_overflow_and_grows_back():
+    scaler = AscentScaler(init_scale=1024.0, max_retries=4, growth_interval=200)
     false, true = torch.tensor(False), torch.tensor(True)
-    assert crit._ascent_done(false, 1024.0) is False and crit._ascent_scale_now == 512.0
-    for _ in range(C.ASCENT_SCALE_GROWTH - 1):
-        assert crit._ascent_done(true, 512.0)
-    assert crit._ascent_scale_now == 512.0
-    assert crit._ascent_done(true, 512.0) and crit._ascent_scale_now == 1024.0
+    assert scaler.needs_retry(false, 1024.0) is True and scaler.scale == 512.0
+    for _ in range(scaler.growth_interval - 1):
+        assert scaler.needs_retry(true, 512.0) is False
+    assert scaler.scale == 512.0
+    assert scaler.needs_retry(true, 512.0) is False and scaler.scale == 1024.0
     with pytest.raises(FloatingPointError):  # unscaled (fp32) or scale 1: nothing left to try
-        crit._ascent_done(false, 1.0)
+        scaler.needs_retry(false, 1.0)
+
+
+def test_ascent_scaler_gives_up_after_its_retries():
+    """Every attempt non-finite: max_retries halvings, then FloatingPointError (the
+    caller skips the batch's regulariser)."""
+    scaler = AscentScaler(init_scale=2.0 ** 15, max_retries=3)
+    scales = []
+    with pytest.raises(FloatingPointError):
+        scaler.run(_Fp16Core(), lambda scale: (scales.append(scale), torch.tensor(False)))
+    assert scales == [2.0 ** 15, 2.0 ** 14, 2.0 ** 13, 2.0 ** 12]
+
+
+class _Fp16Core(torch.nn.Module):
+    """A model whose backward runs in fp16 (fp16 parameters): the scaler scales it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float16))
 
 
 def test_fp16_model_ascent_is_scaled_and_not_skipped(data_dir, tmp_path):
     """--fp16 (fp16 parameters): the same scale; bf16 has fp32's range and is not scaled."""
     _, task, model, crit = utils.build_components(data_dir, ["--adv-method", "smart"], save_dir=str(tmp_path))
-    core = unwrap_model(model)
-    assert crit._ascent_scale(core.half()) == C.ASCENT_SCALE_INIT
-    assert crit._ascent_scale(core.bfloat16()) == 1.0
+    core, scaler = unwrap_model(model), crit.ascent.scaler
+    assert scaler.scale_for(core.half()) == scaler.init_scale
+    assert scaler.scale_for(core.bfloat16()) == 1.0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert crit._ascent_scale(core.float()) == 1.0
+        assert scaler.scale_for(core.float()) == 1.0
     with torch.autocast("cpu", dtype=torch.float16):
-        assert crit._ascent_scale(core) == C.ASCENT_SCALE_INIT
+        assert scaler.scale_for(core) == scaler.init_scale
 
 
 # -- 6. bf16 / fp16 and R3F's noise ------------------------------------------------------------
@@ -162,7 +183,7 @@ def test_bf16_rounds_r3f_noise_away_and_the_floor_keeps_it(data_dir, tmp_path):
     changed, cos = _surviving_noise(model, batch, 1e-5, torch.bfloat16)
     assert changed < 0.05 and cos < 0.3, (changed, cos)
     for flag, dtype in (("--bf16", torch.bfloat16), ("--fp16", torch.float16)):
-        changed, cos = _surviving_noise(model, batch, C.NOISE_FLOOR[flag], dtype)
+        changed, cos = _surviving_noise(model, batch, NOISE_FLOOR[flag], dtype)
         assert changed > 0.8 and cos > 0.97, (flag, changed, cos)
 
 
@@ -174,7 +195,7 @@ def test_bf16_rounds_r3f_noise_away_and_the_floor_keeps_it(data_dir, tmp_path):
     ([], False),
 ])
 def test_r3f_noise_below_the_precision_warns_at_start(data_dir, tmp_path, caplog, flags, warns):
-    with caplog.at_level(logging.WARNING, logger=C.__name__):
+    with caplog.at_level(logging.WARNING, logger="fairseq_arch.methods.r3f"):
         utils.build_components(data_dir, ["--adv-method", "r3f", *flags], save_dir=str(tmp_path))
     msgs = [r.getMessage() for r in caplog.records if "rounded away" in r.getMessage()]
     assert bool(msgs) is warns, msgs

@@ -26,9 +26,9 @@ TINY_MODEL = [
     "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
     "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
 ]
-from benchmarks.common import ARCH_FLAGS  # noqa: E402  (one list of the plugin's flags)
+from fairseq_arch.in_process import PLUGIN_FLAGS, build_from_flags  # noqa: E402
 
-ARCH_TASK = list(ARCH_FLAGS)
+ARCH_TASK = list(PLUGIN_FLAGS)
 
 
 def console(name: str) -> str:
@@ -149,9 +149,7 @@ def generate(data_dir: str, path: str, extra=()) -> str:
 
 def build_components(data_dir: str, extra=(), save_dir: str = None):
     """(cfg, task, model, criterion) exactly as fairseq-train builds them: the tiny CPU
-    model with ARCH, no dropout; the builder is the benchmarks' (one implementation)."""
-    from benchmarks.common import build_from_flags
-
+    model with ARCH, no dropout."""
     return build_from_flags([
         data_dir, "--cpu", "--save-dir", save_dir or os.path.join(data_dir, "ckpt"),
         "--dropout", "0", "--max-tokens", "1000", *ARCH_TASK, *TINY_MODEL, *extra,
@@ -165,17 +163,22 @@ def build_for_training(data_dir: str, tmp_path, extra=()):
     return task, model, crit
 
 
-def record_deltas(crit, monkeypatch):
-    """Every delta the criterion feeds a perturbed forward, in order (the last one is the
-    delta its regulariser used); a list that fills as the criterion runs."""
+def record_deltas(crit, monkeypatch, with_masks=False):
+    """Every delta the criterion feeds a perturbed forward, in order (ascent steps, then
+    the one its regulariser used): ``{side: delta}`` each, or ``{side: (delta, padding
+    mask of the side)}`` ``with_masks``; a list that fills as the criterion runs. The
+    criterion's ``perturbed_forward`` is its one deliberate hook for this."""
     seen = []
-    real = crit._perturbed_forward
+    real = crit.perturbed_forward
 
     def record(model, net_input, delta):
-        seen.append({k: v.detach().clone() for k, v in delta.items()})
+        masks = {"source": net_input["src_tokens"].ne(crit.padding_idx),
+                 "target": net_input["prev_output_tokens"].ne(crit.padding_idx)}
+        seen.append({k: (v.detach().clone(), masks[k]) if with_masks else v.detach().clone()
+                     for k, v in delta.items()})
         return real(model, net_input, delta)
 
-    monkeypatch.setattr(crit, "_perturbed_forward", record)
+    monkeypatch.setattr(crit, "perturbed_forward", record)
     return seen
 
 
