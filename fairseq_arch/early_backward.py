@@ -22,8 +22,9 @@ Rounding: a batch's gradient is the sum of the clean part A and the KL part B. A
 an update it is A + B either way (bit for bit). With --update-freq, gradients of earlier
 batches G are in .grad: the joint backward adds (A + B) to G, the early one would add A,
 then B, a different float32 rounding. So without torch DDP the accumulated G is set
-aside while the batch runs and added back after it, G + (A + B) as before: the same
-bits, which keeps 1 rank x --update-freq k equal to k ranks (tests/test_distributed.py).
+aside while the batch runs and added back after it, G + (A + B) as in one joint
+backward: the same bits, which keeps 1 rank x --update-freq k equal to k ranks
+(tests/test_distributed.py).
 Under torch DDP the all-reduce reads .grad inside the KL's backward, so G must be there:
 ((G + A) + B), equal to a few ulps.
 """
@@ -149,7 +150,7 @@ class EarlyCleanBackward:
         amp_off = torch.autocast(device_type="cuda", enabled=False) if self.amp else contextlib.nullcontext()
         with amp_off, torch.autograd.profiler.record_function("backward"):
             self.optimizer.backward(loss)
-        self._leave_no_sync()  # the perturbed forward's backward all-reduces, as before
+        self._leave_no_sync()  # the perturbed forward's backward all-reduces, once per update
 
     def backward_rest(self, loss: torch.Tensor, model, sample) -> None:
         """The trainer's backward of what the criterion returned (lambda * KL's gradient).

@@ -309,53 +309,71 @@ def seeded_init(
     ids = torch.as_tensor(sample_ids, dtype=torch.int64)
     assert ids.shape == (batch,), f"{tuple(ids.shape)} ids for a batch of {batch}"
     keys = sample_keys(ids.to(device, non_blocking=True), seed, epoch, side)  # B
-    pos = mask.long().cumsum(dim=1).sub_(1)  # p-th real token of its sample
-    if compact if compact is not None else device.type == "cpu":
-        # on the host, where indexing costs no sync: the real tokens only
-        of_sample, at = mask.nonzero(as_tuple=True)
-        pos = pos[of_sample, at]
-        real = None
-    else:
-        # on an accelerator every position (padding zeroed below): no nonzero(), no sync
-        of_sample = torch.arange(batch, device=device).repeat_interleave(length)
-        pos = pos.clamp_min_(0).view(-1)
-        real = mask.view(-1, 1)
-    pos = pos.unsqueeze(1)  # N x 1
-    token_keys = keys[of_sample].unsqueeze(1)  # N x 1
+    tokens = _TokenLayout(mask, compact if compact is not None else device.type == "cpu")
+    token_keys = keys[tokens.of_sample].unsqueeze(1)  # N x 1
+    if init == "uniform" and norm == "linf":
+        counter = torch.arange(dim, device=device).add(tokens.pos * dim)
+        rows = _unit(_words(token_keys, _STREAM_UNIFORM, counter)).mul_(2.0 * scale).sub_(scale)
+        return tokens.batched(tokens.zero_padding(rows), dim)
+    units = tokens.zero_padding(_gaussian_units(token_keys, tokens.pos, dim))  # N x C: integers, units of 2**-14
+    if init == "normal":
+        return tokens.batched(units.mul_(scale / _QUANT), dim)
+    factor = _l2_ball_factors(units, keys, token_keys, tokens, dim, scale, granularity)
+    return tokens.batched(units.mul_(factor.unsqueeze(1)), dim)
 
-    def batched(rows: torch.Tensor) -> torch.Tensor:  # N x C -> B x T x C (padding rows already 0)
-        if real is not None:
+
+class _TokenLayout:
+    """The N token rows :func:`seeded_init` generates for a ``B x T`` mask: the real tokens
+    only (``compact``; on the host, where indexing costs no sync) or every position
+    (padding zeroed; on an accelerator: no nonzero(), no sync). ``pos``: each row's
+    p-th real token of its sample (N x 1), ``of_sample``: its sample (N)."""
+
+    def __init__(self, mask: torch.Tensor, compact: bool):
+        self.mask = mask
+        batch, length = mask.shape
+        pos = mask.long().cumsum(dim=1).sub_(1)
+        if compact:
+            self.of_sample, at = mask.nonzero(as_tuple=True)
+            pos = pos[self.of_sample, at]
+            self.real = None
+        else:
+            self.of_sample = torch.arange(batch, device=mask.device).repeat_interleave(length)
+            pos = pos.clamp_min_(0).view(-1)
+            self.real = mask.view(-1, 1)
+        self.pos = pos.unsqueeze(1)
+
+    def zero_padding(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.real is None else rows.mul_(self.real)
+
+    def batched(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        """N x C -> B x T x C (padding rows already 0)."""
+        batch, length = self.mask.shape
+        if self.real is not None:
             return rows.view(batch, length, dim)
         out = rows.new_zeros(batch, length, dim)
-        out[mask] = rows
+        out[self.mask] = rows
         return out
 
-    def zero_padding(rows: torch.Tensor) -> torch.Tensor:
-        return rows if real is None else rows.mul_(real)
 
-    if init == "uniform" and norm == "linf":
-        counter = torch.arange(dim, device=device).add(pos * dim)
-        rows = _unit(_words(token_keys, _STREAM_UNIFORM, counter)).mul_(2.0 * scale).sub_(scale)
-        return batched(zero_padding(rows))
-    units = zero_padding(_gaussian_units(token_keys, pos, dim))  # N x C: integers, in units of 2**-14
-    if init == "normal":
-        return batched(units.mul_(scale / _QUANT))
-    # uniform in an l2 ball of n dimensions: gaussian direction, radius scale * U^(1/n).
-    # Squared norms from the integer units: exact (in float64 per token, C * 94536**2 < 2**53;
-    # in int64 per sentence), hence the same in any batch whatever the order of summation
+def _l2_ball_factors(units: torch.Tensor, keys: torch.Tensor, token_keys: torch.Tensor, tokens: _TokenLayout,
+                     dim: int, scale: float, granularity: str) -> torch.Tensor:
+    """Per token row (N), the factor that turns its gaussian ``units`` into a uniform point
+    of the l2 ball of radius ``scale`` (one ball per sentence or per token): a gaussian
+    direction, radius ``scale * U^(1/n)``, n the ball's dimension. Squared norms from the
+    integer units: exact (in float64 per token, C * 94536**2 < 2**53; in int64 per
+    sentence), hence the same in any batch whatever the order of summation."""
+    batch = tokens.mask.size(0)
     sq = units.double().square_().sum(dim=1).long()  # N
     if granularity == "sentence":
-        sq = torch.zeros(batch, dtype=torch.int64, device=device).index_add_(0, of_sample, sq)
-        n = mask.sum(dim=1) * dim
+        sq = torch.zeros(batch, dtype=torch.int64, device=units.device).index_add_(0, tokens.of_sample, sq)
+        n = tokens.mask.sum(dim=1) * dim
         u = _unit(_words(keys, _STREAM_RADIUS, torch.zeros_like(keys)))  # B
     else:
         n = torch.full_like(sq, dim)
-        u = _unit(_words(token_keys, _STREAM_RADIUS, pos)).view(-1)  # N
+        u = _unit(_words(token_keys, _STREAM_RADIUS, tokens.pos)).view(-1)  # N
     norms = sq.double().sqrt_().clamp_min_(1.0)  # in units of 2**-14: a nonzero norm is >= 1
     factor = u.double().pow(1.0 / n.clamp_min(1).double()).mul_(scale).div_(norms).float()
-    if granularity == "sentence":
-        factor = factor[of_sample]
-    return batched(units.mul_(factor.unsqueeze(1)))
+    return factor[tokens.of_sample] if granularity == "sentence" else factor
 
 
 # ----------------------------------------------------------------------------
@@ -440,7 +458,7 @@ class LogitsDivergence(torch.autograd.Function):
     Why: through ``log_softmax`` and ``F.kl_div`` autograd keeps the log-probs, the
     selected rows of both sides and the products of the KL alive, five or so
     vocabulary-sized tensors per forward, the largest part of the regulariser's peak
-    memory (issue 11). Here the forward and the backward go through the rows in chunks
+    memory. Here the forward and the backward go through the rows in chunks
     and keep only the logits (which the output projection produced anyway) and the
     teacher; the gradient w.r.t. the logits is the only new vocabulary-sized tensor:
     ``softmax(z) * sum(p) - p`` (forward KL), plus ``q * (r - E_q[r])`` with

@@ -244,7 +244,7 @@ class ArchTranslationTask(TranslationTask):
 
     # arch, smart, r3f: backpropagate the clean CE before the perturbed forward, so the
     # clean and perturbed graphs are never alive together (fairseq_arch/early_backward.py).
-    # False: one joint backward of CE + KL, as before (the tests compare the two).
+    # False: one joint backward of CE + KL (the tests compare the two).
     early_clean_backward = True
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
