@@ -2,7 +2,7 @@
 
 fairseq calls ``task.state_dict()`` (where ``arch_translation`` flushes its cache) on the
 rank that writes the checkpoint only: with data parallel training the other ranks' shard
-files (cache_store: each rank appends the rows of a refresh epoch to shards of its own)
+files (fairseq_arch.cache.shards: each rank appends the rows of a refresh epoch to shards of its own)
 would not be fsync'ed when the checkpoint that counts their batches as done is written, and
 a crash of their node right after it could lose rows the resumed run will not write again.
 ``fairseq_cli/train.py`` calls ``checkpoint_utils.save_checkpoint`` on every rank (the
@@ -24,7 +24,7 @@ def flush_before_save(real):
         cache = getattr(getattr(trainer, "task", None), "arch_cache", None)
         if cache is not None and not getattr(cfg, "no_save", False):
             if cache.flush():
-                logger.info(f"ARCH cache: rank {cache.rank}'s rows of {cache.write_gen} made durable for the checkpoint")
+                logger.info(f"ARCH cache: rank {cache.rank}'s rows of {cache.access.generation} made durable for the checkpoint")
         return real(cfg, trainer, *args, **kwargs)
 
     save_checkpoint.flushes_arch_cache = True

@@ -6,7 +6,7 @@ While rank 0 finalises a refresh (merging the ranks' shards, row means, checksum
 the neighbour search: minutes, up to tens of minutes at WMT scale) every other rank
 waits in a cache collective. On fairseq's default group that wait is bounded by the
 group's timeout -- NCCL's default is 10 minutes (gloo's 30) -- and a long
-finalisation would crash the run. So every cache collective (the barrier, the
+finalisation would crash the run. So every cache collective (the
 broadcast of rank 0's result, the all-gathers of the cache and of the task's epoch
 start) runs on a gloo group made once, on every rank, with the timeout
 ``CACHE_TIMEOUT`` (6 hours; the environment variable ``FAIRSEQ_ARCH_CACHE_TIMEOUT``,
@@ -27,8 +27,9 @@ TIMEOUT_ENV = "FAIRSEQ_ARCH_CACHE_TIMEOUT"
 CONNECT_TIMEOUT = timedelta(minutes=10)
 
 
-class CacheSetupError(RuntimeError):
-    """Raised on every rank when rank 0 fails to prepare the cache."""
+class RankZeroError(RuntimeError):
+    """Raised on the other ranks when the work rank 0 did for them (:func:`on_rank0`)
+    failed: opening the cache dir, finalising a refresh, an epoch's checks."""
 
 
 def dist_info() -> Tuple[int, int]:
@@ -84,11 +85,6 @@ def cache_group():
     return _GROUP[1]
 
 
-def barrier() -> None:
-    if dist_info()[1] > 1:
-        dist.barrier(group=cache_group())
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if dist_info()[1] == 1:
         return obj
@@ -118,5 +114,5 @@ def on_rank0(fn: Callable[[], Any]) -> Any:
             error = f"{type(e).__name__}: {e}"
     result, error = broadcast_object((result, error))
     if error is not None:
-        raise CacheSetupError(f"rank 0 failed to prepare the ARCH cache: {error}")
+        raise RankZeroError(f"rank 0 failed in the ARCH cache's work: {error}")
     return result

@@ -43,6 +43,9 @@ COMMA_STAT = re.compile(r"([a-z_0-9]+)=([^,\s]+)")
 INNER_SIMPLE = re.compile(r"^epoch (\d+):\s+(\d+) / (\d+)")
 SIMPLE_EPOCH = re.compile(r"^epoch (\d+) \|")
 ARCH_KIND = re.compile(r"ARCH epoch (\d+): (refresh|reuse|off)")
+# the logger of the cache's epoch lines (fairseq_arch.arch_cache: the module's name in the
+# logs of runs made before the cache became a package)
+ARCH_CACHE_LOGGERS = ("fairseq_arch.cache.arch_cache", "fairseq_arch.arch_cache")
 # ARCH's per-epoch counters, printed after the losses (what scripts/log_summary.py printed before)
 COUNTERS = ["adv_fwd_per_batch", "arch_fresh", "arch_cached", "arch_rebuilt", "arch_nn_search_s"]
 
@@ -171,7 +174,7 @@ class LogParser:
             self.epoch_begin[self.epoch] = ts
             self.inner_done = 0
             events.append(("begin", self.epoch))
-        elif name == "fairseq_arch.arch_cache" and ARCH_KIND.search(body):
+        elif name in ARCH_CACHE_LOGGERS and ARCH_KIND.search(body):
             k = ARCH_KIND.search(body)
             self.kinds[int(k.group(1))] = k.group(2)
         elif body.startswith("begin validation") and self.epoch is not None:

@@ -52,7 +52,7 @@ if mode == "default-group":
     dist.broadcast_object_list(box, src=0)
     got = box[0]
 else:
-    cache_dist.barrier()
+    dist.barrier(group=cache_dist.cache_group())
     got = cache_dist.on_rank0(finalise)
     assert cache_dist.all_gather_object(rank) == list(range(world))
     assert cache_dist.broadcast_object(("from", rank)) == ("from", 0)

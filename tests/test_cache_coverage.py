@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_arch import cache_store
+from fairseq_arch.cache import store as cache_store
 
 from . import utils
 
-LOGGER = "fairseq_arch.arch_cache"
+LOGGER = "fairseq_arch.cache.finalize"
 
 
 def filled_counts(caplog):
@@ -52,7 +52,7 @@ def test_unwritten_rows_are_rebuilt_at_finalisation(small_toy, tmp_path, caplog)
     for epoch, half in ((1, halves[0]), (3, halves[1])):
         task.begin_epoch(epoch, model)
         cache = task.arch_cache
-        store, gen = cache.store, cache.write_gen
+        store, gen = cache.store, cache.access.generation
         before = {s: rows(store, gen, s) for s in store.sides}  # zeros, then epoch 1's rows
         seen = np.concatenate([b["id"].numpy() for b in half])
         for b in half:
@@ -70,7 +70,7 @@ def test_unwritten_rows_are_rebuilt_at_finalisation(small_toy, tmp_path, caplog)
             "the write flags must go once the generation is complete"
         for side in store.sides:
             final = rows(store, gen, side)
-            means = store.load_array(gen, f"{side}_mean.npy")
+            means = store.load_array(gen, side, "means")
             for p in written:  # what the batches wrote is kept as is
                 np.testing.assert_array_equal(final[p], after_batches[side][p])
             for p in missing:
@@ -82,13 +82,13 @@ def test_unwritten_rows_are_rebuilt_at_finalisation(small_toy, tmp_path, caplog)
                 assert any(np.allclose(final[p][0], means[q], atol=1e-3) for q in written), \
                     f"{side} row {p} is not a written neighbour's mean (K = 1)"
             # uncached sentences take their neighbours among written rows only
-            nbr = store.load_array(gen, f"{side}_nbr.npy")
+            nbr = store.load_array(gen, side, "neighbors")
             used = set(np.asarray(nbr[store.pos_of < 0]).reshape(-1).tolist())
             assert used and used <= written, sorted(used - written)
         # the reuse epoch trains every sentence of the unseen half on a non-zero delta
         for b in halves[1 - (epoch == 3)]:
             mask = b["net_input"]["src_tokens"].ne(task.src_dict.pad())
-            delta, _, _ = task.arch_cache.read(b["id"].tolist(), "source", mask, criterion.project)
+            delta, _, _ = task.arch_cache.access.read(b["id"].tolist(), "source", mask, criterion.project)
             norms = delta.flatten(1).norm(dim=1)
             assert (norms > 0).all(), norms
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_arch import cache_store
-from fairseq_arch.cache_store import PerturbationCacheStore
+from fairseq_arch.cache import CacheCorruptError, PerturbationCacheStore
+from fairseq_arch.cache import shards as cache_shards
+from fairseq_arch.cache import store as cache_store
 
 from .test_distributed import CACHE_FILES, cache_files, one_rank, params, run_ranks, train_args  # noqa: F401
 
@@ -49,14 +50,14 @@ def bin_rows(store, name, side):
 
 
 def shards(store, name):
-    return sorted(f for f in os.listdir(store.gen_dir(name)) if f.endswith(cache_store.SHARD))
+    return sorted(f for f in os.listdir(store.gen_dir(name)) if f.endswith(cache_shards.SHARD))
 
 
 @pytest.mark.fast
 def test_records_round_trip():
     rows = [np.arange(6, dtype=np.float32).reshape(3, 2), np.ones((1, 2), dtype=np.float32)]
-    data, starts = cache_store.encode_records([5, 2], rows, np.float16, written=True)
-    rec = cache_store.SHARD_RECORD.size
+    data, starts = cache_shards.encode_records([5, 2], rows, np.float16, written=True)
+    rec = cache_shards.SHARD_RECORD.size
     assert len(data) == 2 * rec + (6 + 2) * 2 and list(starts) == [rec, 2 * rec + 12]
     assert data[starts[0]: starts[0] + 12] == rows[0].astype(np.float16).tobytes()
 
@@ -131,7 +132,7 @@ def test_a_record_cut_short_ends_the_shard(tmp_path, caplog, damage):
     s.close_maps()
     path = os.path.join(s.gen_dir(name), "source.r00000.shard")
     size = os.path.getsize(path)
-    last = cache_store.SHARD_RECORD.size + int(s.lengths["source"][2]) * 4 * 2
+    last = cache_shards.SHARD_RECORD.size + int(s.lengths["source"][2]) * 4 * 2
     with open(path, "r+b") as f:
         if damage == "cut-header":
             f.truncate(size - last + 10)
@@ -142,7 +143,7 @@ def test_a_record_cut_short_ends_the_shard(tmp_path, caplog, damage):
             flipped = bytes(b ^ 0xFF for b in f.read(2))
             f.seek(size - 2)
             f.write(flipped)
-    caplog.set_level(logging.WARNING, logger="fairseq_arch.cache_store")
+    caplog.set_level(logging.WARNING, logger="fairseq_arch.cache.shards")
     assert s.merge_shards(name) == {"source": 2}
     assert "record 2 and the rest ignored" in caplog.text
     assert s.written_flags(name, "source")[:3].tolist() == [True, True, False]
@@ -171,7 +172,7 @@ def test_full_disk_while_appending_fails_clearly_and_keeps_whole_records(tmp_pat
                                                "source.r00000.shard.*previous cache generation is intact"):
             s.write_rows(name, "source", [1], [row(s, "source", 1, 2)])
     s.close_maps()
-    caplog.set_level(logging.WARNING, logger="fairseq_arch.cache_store")
+    caplog.set_level(logging.WARNING, logger="fairseq_arch.cache.shards")
     assert s.merge_shards(name) == {"source": 1}
     assert "record 1 and the rest ignored" in caplog.text
     assert s.written_flags(name, "source")[:2].tolist() == [True, False]
@@ -182,12 +183,12 @@ def test_a_shard_another_rank_reported_must_be_seen_whole(tmp_path, monkeypatch)
     """Rank 0 does not merge a generation without a shard another rank says it wrote (a
     cache dir that is not shared, a filesystem that shows the file late): it waits, then
     stops with an error instead of finalising without those rows."""
-    monkeypatch.setattr(cache_store, "SHARD_WAIT_S", 1.0)
+    monkeypatch.setattr(cache_shards, "SHARD_WAIT_S", 1.0)
     d = str(tmp_path / "cache")
     s0 = open_store(d, rank=0)
     s0.create_generation("gen-e0001", None)
     s0.expect_shards([{}, {"gen-e0001/source.r00001.shard": 1000}])
-    with pytest.raises(cache_store.CacheCorruptError, match="a rank wrote 1000 bytes to it, but rank 0 sees no "
+    with pytest.raises(CacheCorruptError, match="a rank wrote 1000 bytes to it, but rank 0 sees no "
                                                             "such file.*shared by all nodes"):
         s0.merge_shards("gen-e0001")
 
@@ -201,7 +202,7 @@ def test_flush_makes_the_shards_durable(tmp_path, monkeypatch):
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
     s.flush("gen-e0001")
-    assert s._shards[("gen-e0001", "target")].fd in synced
+    assert s.shards.opened(s.gen_dir("gen-e0001"), "target").fd in synced
     s.close_maps()
 
 
@@ -215,7 +216,8 @@ def test_every_rank_flushes_its_cache_when_fairseq_saves_a_checkpoint(tmp_path):
     from fairseq import checkpoint_utils
 
     flushed = []
-    cache = SimpleNamespace(rank=1, write_gen="gen-e0003", flush=lambda: flushed.append(1) or True)
+    cache = SimpleNamespace(rank=1, access=SimpleNamespace(generation="gen-e0003"),
+                            flush=lambda: flushed.append(1) or True)
     trainer = SimpleNamespace(task=SimpleNamespace(arch_cache=cache), should_save_checkpoint_on_current_rank=False,
                               always_call_state_dict_during_save_checkpoint=False,
                               consolidate_optimizer=lambda: None, data_parallel_rank=1)
@@ -255,7 +257,7 @@ def test_two_ranks_write_shards_and_match_one_rank(data_dir, one_rank, tmp_path)
     base = os.path.join(two, "arch_cache", "gen-e0001")
     with open(os.path.join(two, "arch_cache", "state.json")) as f:
         assert '"epoch": 3' in f.read()
-    found = sorted(f for f in os.listdir(gen) if f.endswith(cache_store.SHARD))
+    found = sorted(f for f in os.listdir(gen) if f.endswith(cache_shards.SHARD))
     assert found == [f"{s}.r0000{r}.shard" for s in ("source", "target") for r in (0, 1)], found
     # the wrapper runs in fairseq-train (fairseq logs on rank 0 only; that rank 1 flushes too is
     # test_every_rank_flushes_its_cache_when_fairseq_saves_a_checkpoint)
@@ -269,7 +271,7 @@ def test_two_ranks_write_shards_and_match_one_rank(data_dir, one_rank, tmp_path)
     # resumed with 2 ranks: rank 0 merges the interrupted run's shards, training goes on
     outs = run_ranks(train_args(data_dir, two), 2)
     assert "epoch 004" in outs[0], outs[0][-3000:]
-    assert not [f for f in os.listdir(gen) if f.endswith((cache_store.SHARD, cache_store.WRITTEN))]
+    assert not [f for f in os.listdir(gen) if f.endswith((cache_shards.SHARD, cache_store.WRITTEN))]
     p1, p2 = params(one), params(two)
     assert all(torch.equal(p1[k], p2[k]) for k in p1), "parameters differ from 1 rank x update-freq 2"
     c1, c2 = cache_files(one), cache_files(two)

@@ -192,4 +192,4 @@ def test_wrong_rank_setup_fails_loudly_instead_of_hanging(data_dir, tmp_path):
                                        "--reset-optimizer", "--reset-dataloader"])
     outs = run_ranks(args, 2, expect_ok=False, timeout=300)
     assert "cache_fraction: cache has 0.3, this run has 0.5" in outs[0]
-    assert "rank 0 failed to prepare the ARCH cache" in outs[1]
+    assert "RankZeroError: rank 0 failed in the ARCH cache's work" in outs[1]
