@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fairseq_arch import cache_math as C
-from fairseq_arch.cache_store import CacheMismatchError
+from fairseq_arch.cache import CacheMismatchError
 from fairseq_arch.injection import unwrap_model
 from fairseq_arch.neighbors import brute_force_knn
 from fairseq_arch.tasks.arch_translation import validate_arch_config
@@ -164,8 +164,8 @@ def rebuilt_sentence_norms(data_dir, tmp_path, monkeypatch, mode, extra=()):
                     continue
                 rows = d[side][j][mask[j]].numpy()
                 got.append(size(rows))
-                nbr = np.asarray(cache.nbrs[side][i])
-                cached = store.read_rows(cache.read_gen, side, nbr)
+                nbr = np.asarray(cache.access.neighbors[side][i])
+                cached = store.read_rows(cache.access.generation, side, nbr)
                 if mode == "eps":
                     want.append(EPS)
                 elif mode == "neighbor":
@@ -199,15 +199,15 @@ def test_cached_sentence_sizes_are_stored_and_checksummed(data_dir, tmp_path):
     batches = utils.batches(task)
     run_epoch(task, model, crit, 1, batches)
     task.begin_epoch(2, model)
-    store, gen = task.arch_cache.store, task.arch_cache.read_gen
+    store, gen = task.arch_cache.store, task.arch_cache.access.generation
     info = store.generation_info(gen)
     assert info["norm_measure"] == "l2/sentence"
     for side in ("source", "target"):
         assert f"{side}_norm.npy" in info["crc32"]
-        stored = np.asarray(store.load_array(gen, f"{side}_norm.npy"))
+        stored = np.asarray(store.load_array(gen, side, "sizes"))
         rows = store.read_rows(gen, side, np.arange(store.num_cached))
         assert np.allclose(stored, [np.linalg.norm(r.astype(np.float32)) for r in rows], rtol=1e-5)
-        assert np.allclose(np.asarray(task.arch_cache.norms[side]), stored)
+        assert np.allclose(np.asarray(task.arch_cache.access.sizes[side]), stored)
 
 
 # -- --arch-first-refresh-epoch ----------------------------------------------------------------
@@ -230,7 +230,7 @@ def test_epochs_before_the_first_refresh_are_plain_label_smoothing(data_dir, tmp
     assert task.arch_cache.mode == "refresh" and sum(l["arch_fresh"] for l in logs) == len(task.dataset("train"))
     assert all(l["adv_fwd"] == 2 + crit.adv_steps for l in logs)
     logs = run_epoch(task, model, crit, 4, batches)
-    assert task.arch_cache.mode == "reuse" and task.arch_cache.read_gen == "gen-e0003"
+    assert task.arch_cache.mode == "reuse" and task.arch_cache.access.generation == "gen-e0003"
     assert all(l["adv_fwd"] == 2 and l["arch_cached"] + l["arch_rebuilt"] == len(b["id"]) for l, b in zip(logs, batches))
     assert run_epoch(task, model, crit, 5, batches) and task.arch_cache.mode == "refresh"
     # a run resumed in an "off" epoch with this cache is refused, naming the option
@@ -257,33 +257,33 @@ def test_neighbors_searched_again_each_reuse_epoch(data_dir, tmp_path, caplog):
     run_epoch(task, model, crit, 1, batches)
     run_epoch(task, model, crit, 2, batches)  # first reuse epoch: the generation's table
     cache, store = task.arch_cache, task.arch_cache.store
-    gen_tables = {s: np.array(store.load_array(cache.read_gen, f"{s}_nbr.npy")) for s in store.sides}
-    assert all(np.array_equal(cache.nbrs[s], gen_tables[s]) for s in store.sides)
+    gen_tables = {s: np.array(store.load_array(cache.access.generation, s, "neighbors")) for s in store.sides}
+    assert all(np.array_equal(cache.access.neighbors[s], gen_tables[s]) for s in store.sides)
     _perturb_embeddings(model, 0)  # as training would move them
-    with caplog.at_level("INFO", logger="fairseq_arch.arch_cache"):
+    with caplog.at_level("INFO", logger="fairseq_arch.cache"):
         run_epoch(task, model, crit, 3, batches)
     w = unwrap_model(model).encoder.embed_tokens.weight
     uncached = np.nonzero(store.pos_of < 0)[0]
-    _, ref = brute_force_knn(cache._vectors("source", uncached, w), cache._vectors("source", store.cached_ids, w), 1)
-    assert np.array_equal(np.asarray(cache.nbrs["source"])[uncached, 0], ref[:, 0].numpy())
-    changed = C.neighbor_changes(gen_tables["source"], np.asarray(cache.nbrs["source"]))
+    _, ref = brute_force_knn(cache.search.sentence_vectors("source", uncached, w), cache.search.sentence_vectors("source", store.cached_ids, w), 1)
+    assert np.array_equal(np.asarray(cache.access.neighbors["source"])[uncached, 0], ref[:, 0].numpy())
+    changed = C.neighbor_changes(gen_tables["source"], np.asarray(cache.access.neighbors["source"]))
     assert changed > 0, "the embeddings changed but no neighbour did"
     msg = [r.getMessage() for r in caplog.records if "searched again" in r.getMessage()]
     assert msg and f"source {changed} of {len(uncached)}" in msg[0], msg
     # the generation is immutable; the table is in neighbors/e0003
-    assert all(np.array_equal(store.load_array(cache.read_gen, f"{s}_nbr.npy"), gen_tables[s]) for s in store.sides)
+    assert all(np.array_equal(store.load_array(cache.access.generation, s, "neighbors"), gen_tables[s]) for s in store.sides)
     table_dir = os.path.join(str(tmp_path), "arch_cache", "neighbors", "e0003")
     assert json.load(open(os.path.join(table_dir, "INFO.json")))["changed"]["source"] == changed
-    epoch3 = {s: np.array(cache.nbrs[s]) for s in store.sides}
+    epoch3 = {s: np.array(cache.access.neighbors[s]) for s in store.sides}
     # a process resumed mid epoch 3 (later parameters) reads the epoch start's table
     _perturb_embeddings(model, 1)
     task2, _, _ = build(data_dir, tmp_path, extra)
     task2.begin_epoch(3, model)
-    assert all(np.array_equal(task2.arch_cache.nbrs[s], epoch3[s]) for s in store.sides)
+    assert all(np.array_equal(task2.arch_cache.access.neighbors[s], epoch3[s]) for s in store.sides)
     # epoch 4 searches again; only its table is kept
     task2.begin_epoch(4, model)
     assert os.listdir(os.path.dirname(table_dir)) == ["e0004"]
-    assert not all(np.array_equal(task2.arch_cache.nbrs[s], epoch3[s]) for s in store.sides)
+    assert not all(np.array_equal(task2.arch_cache.access.neighbors[s], epoch3[s]) for s in store.sides)
 
 
 def test_default_neighbor_search_keeps_the_refresh_table(data_dir, tmp_path):
@@ -294,7 +294,7 @@ def test_default_neighbor_search_keeps_the_refresh_table(data_dir, tmp_path):
     _perturb_embeddings(model, 0)
     task.begin_epoch(3, model)
     cache = task.arch_cache
-    assert all(np.array_equal(cache.nbrs[s], cache.store.load_array(cache.read_gen, f"{s}_nbr.npy"))
+    assert all(np.array_equal(cache.access.neighbors[s], cache.store.load_array(cache.access.generation, s, "neighbors"))
                for s in cache.store.sides)
     assert not os.path.exists(os.path.join(str(tmp_path), "arch_cache", "neighbors"))
 

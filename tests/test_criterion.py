@@ -326,7 +326,7 @@ def test_cache_rows_follow_sample_ids_across_batch_orders_and_padding(data_dir, 
         for side, toks in (("source", b["net_input"]["src_tokens"]), ("target", b["net_input"]["prev_output_tokens"])):
             m = toks.ne(1)
             fresh = project(torch.randn(*toks.shape, 32), m, 0.1, "l2", "sentence")
-            applied = cache.store_fresh(ids, side, fresh, m, crit.project)
+            applied = cache.access.store_fresh(ids, side, fresh, m, crit.project)
             for i, r in zip(ids, gather_rows(applied, m)):
                 written[(side, i)] = r
     task.begin_epoch(2, model)
@@ -338,7 +338,7 @@ def test_cache_rows_follow_sample_ids_across_batch_orders_and_padding(data_dir, 
         ids = b["id"].tolist()
         for side, toks in (("source", b["net_input"]["src_tokens"]), ("target", b["net_input"]["prev_output_tokens"])):
             m = toks.ne(1)
-            delta, n_cached, n_rebuilt = cache.read(ids, side, m, crit.project)
+            delta, n_cached, n_rebuilt = cache.access.read(ids, side, m, crit.project)
             assert (n_cached, n_rebuilt) == (len(ids), 0)
             for i, r in zip(ids, gather_rows(delta, m)):
                 assert torch.allclose(r, written[(side, i)], atol=1e-7)
@@ -361,11 +361,11 @@ def test_reuse_rebuilds_uncached_sentences_from_neighbour_means(data_dir, tmp_pa
     one = ds.collater([ds[i]])
     toks = one["net_input"]["src_tokens"]
     m = toks.ne(1)
-    delta, n_cached, n_rebuilt = cache.read([i], "source", m, crit.project)
+    delta, n_cached, n_rebuilt = cache.access.read([i], "source", m, crit.project)
     assert (n_cached, n_rebuilt) == (0, 1)
     # by hand: mean of the two neighbours' token-averaged cached rows, on every token
-    nbrs = np.asarray(store.load_array(cache.read_gen, "source_nbr.npy")[i])
-    rows = store.read_rows(cache.read_gen, "source", nbrs)
+    nbrs = np.asarray(store.load_array(cache.access.generation, "source", "neighbors")[i])
+    rows = store.read_rows(cache.access.generation, "source", nbrs)
     vec = torch.tensor(np.mean([r.mean(0) for r in rows], axis=0))
     want = project(vec.expand(int(m.sum()), -1)[None], torch.ones(1, int(m.sum()), dtype=torch.bool), 0.1, "l2", "sentence")[0]
     assert torch.allclose(gather_rows(delta, m)[0], want, atol=1e-6)
@@ -373,8 +373,8 @@ def test_reuse_rebuilds_uncached_sentences_from_neighbour_means(data_dir, tmp_pa
     from fairseq_arch.neighbors import brute_force_knn
 
     w = unwrap_model(model).encoder.embed_tokens.weight
-    q = cache._vectors("source", np.array([i]), w)
-    db = cache._vectors("source", store.cached_ids, w)
+    q = cache.search.sentence_vectors("source", np.array([i]), w)
+    db = cache.search.sentence_vectors("source", store.cached_ids, w)
     _, ref = brute_force_knn(q, db, 2)
     assert sorted(ref[0].tolist()) == sorted(nbrs.tolist())
 
@@ -387,7 +387,7 @@ def test_refresh_blends_into_cache_with_ema_and_reprojects(data_dir, tmp_path):
     batches = utils.batches(task)
     _fill_cache(task, model, crit, 1, batches)
     task.begin_epoch(2, model)
-    old_gen = task.arch_cache.read_gen
+    old_gen = task.arch_cache.access.generation
     b = batches[0]
     ids = b["id"].tolist()
     store = task.arch_cache.store
@@ -402,7 +402,7 @@ def test_refresh_blends_into_cache_with_ema_and_reprojects(data_dir, tmp_path):
     masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
     fresh = crit._ascent(unwrap_model(model), b, teacher, target.ne(1), masks, 3, {"fwd": 0, "bwd": 0})
     crit(model, b)  # stores
-    new_gen = task.arch_cache.write_gen
+    new_gen = task.arch_cache.access.generation
     for side in ("source", "target"):
         got = store.read_rows(new_gen, side, store.pos_of[ids])
         for j, (o, f) in enumerate(zip(old[side], gather_rows(fresh[side], masks[side]))):
@@ -451,17 +451,17 @@ def test_neighbour_search_dedups_repeated_sentences_exactly(data_dir, tmp_path, 
         data_dir, ["--arch-cache-fraction", "0.3", "--arch-neighbors", "2"], save_dir=str(tmp_path))
     task.begin_epoch(1, model)
     cache = task.arch_cache
-    real_vectors = cache._vectors
+    real_vectors = cache.search.sentence_vectors
 
     def with_repeats(side, ids, w):  # every query sentence appears twice
         v = real_vectors(side, ids, w)
         return v if len(ids) == cache.store.num_cached else v[torch.arange(len(v)) // 2 * 2]
 
-    monkeypatch.setattr(cache, "_vectors", with_repeats)
+    monkeypatch.setattr(cache.search, "sentence_vectors", with_repeats)
     seen = []
     real = neighbors.CosineIndex.search
     monkeypatch.setattr(neighbors.CosineIndex, "search", lambda self, q, k: seen.append(len(q)) or real(self, q, k))
-    got = cache.compute_neighbors("target", model, 1)
+    got = cache.search.compute_neighbors("target", model, 1)
     uncached = np.nonzero(cache.store.pos_of < 0)[0]
     w = unwrap_model(model).decoder.embed_tokens.weight
     q = with_repeats("target", uncached, w)

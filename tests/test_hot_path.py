@@ -254,8 +254,8 @@ def test_reuse_read_reads_no_value_of_the_device_on_the_host(data_dir, tmp_path)
     b = batches[0]
     ids = b["id"].tolist()
     for side, toks in (("source", b["net_input"]["src_tokens"]), ("target", b["net_input"]["prev_output_tokens"])):
-        on_host, n_cached, n_rebuilt = task.arch_cache.read(ids, side, toks.ne(1), crit.project)
-        delta, _, _ = task.arch_cache.read(ids, side, toks.ne(1).to("meta"), crit.project)
+        on_host, n_cached, n_rebuilt = task.arch_cache.access.read(ids, side, toks.ne(1), crit.project)
+        delta, _, _ = task.arch_cache.access.read(ids, side, toks.ne(1).to("meta"), crit.project)
         assert delta.device.type == "meta" and delta.shape == on_host.shape
         assert n_cached > 0 and n_rebuilt > 0
 
@@ -272,19 +272,19 @@ def test_reuse_read_equals_the_per_token_rows_bit_for_bit(data_dir, tmp_path, re
         ids = b["id"].tolist()
         for side, toks in (("source", b["net_input"]["src_tokens"]), ("target", b["net_input"]["prev_output_tokens"])):
             m = toks.ne(1)
-            delta, n_cached, n_rebuilt = cache.read(ids, side, m, crit.project)
+            delta, n_cached, n_rebuilt = cache.access.read(ids, side, m, crit.project)
             assert n_cached > 0 and n_rebuilt > 0
             rows = []
             for i, n in zip(ids, m.sum(1).tolist()):
                 p = int(cache.store.pos_of[i])
                 if p >= 0:
-                    rows.append(cache.store.read_rows(cache.read_gen, side, [p])[0])
+                    rows.append(cache.access.read_rows(side, [p])[0])
                     continue
-                nbr = np.asarray(cache.nbrs[side][i], dtype=np.int64)
-                means = torch.from_numpy(np.asarray(cache.means[side][nbr], dtype=np.float32))[None]
-                norms = None if cache.norms is None else torch.from_numpy(
-                    np.asarray(cache.norms[side][nbr], dtype=np.float32))[None]
-                rows.append(cache._rebuild(means, [n], norms)[0])
+                nbr = np.asarray(cache.access.neighbors[side][i], dtype=np.int64)
+                means = torch.from_numpy(np.asarray(cache.access.means[side][nbr], dtype=np.float32))[None]
+                norms = None if cache.access.sizes is None else torch.from_numpy(
+                    np.asarray(cache.access.sizes[side][nbr], dtype=np.float32))[None]
+                rows.append(cache.access.rebuild(means, [n], norms)[0])
             want = crit.project(P.scatter_rows(rows, m), m)
             assert torch.equal(delta, want), (side, float((delta - want).abs().max()))
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_arch.cache_store import CacheCorruptError, CacheMismatchError
+from fairseq_arch.cache import CacheCorruptError, CacheMismatchError
 from fairseq_arch.criterions import adversarial_label_smoothed_cross_entropy as crit_mod
 
 from . import utils
@@ -57,7 +57,7 @@ def _enospc_after_half(real):
 
 
 def test_full_disk_fails_clearly_and_keeps_the_previous_generation(data_dir, tmp_path, monkeypatch):
-    """ENOSPC while a refresh allocates its new generation (simulated: cache_store
+    """ENOSPC while a refresh allocates its new generation (simulated: the store
     allocates a generation by copying the current one, or by posix_fallocate for the
     first one). The error must say so at generation creation -- not as a SIGBUS on a
     later memory-mapped write -- and the previous generation must stay current and
@@ -85,7 +85,7 @@ def test_full_disk_fails_clearly_and_keeps_the_previous_generation(data_dir, tmp
     _, task, model, _ = utils.build_components(
         data_dir, ["--arch-cache-fraction", "1.0", "--arch-refresh-interval", "2"], save_dir=save)
     task.begin_epoch(3, model)
-    assert task.arch_cache.write_gen == "gen-e0003" and task.arch_cache.base_gen == "gen-e0001"
+    assert task.arch_cache.access.generation == "gen-e0003" and task.arch_cache.access.base == "gen-e0001"
     task.arch_cache.store.close_maps()
 
 
@@ -258,7 +258,7 @@ def test_undamaged_copy_of_the_cache_resumes(data_dir, healthy_cache, tmp_path):
         data_dir, ["--arch-cache-fraction", "1.0", "--arch-refresh-interval", "2", "--arch-cache-dir", cache_dir],
         save_dir=str(tmp_path / "ckpt"))
     task.begin_epoch(2, model)
-    assert task.arch_cache.mode == "reuse" and task.arch_cache.read_gen == "gen-e0001"
+    assert task.arch_cache.mode == "reuse" and task.arch_cache.access.generation == "gen-e0001"
 
 
 def test_non_finite_regularizer_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
@@ -276,12 +276,12 @@ def test_non_finite_ascent_never_reaches_the_cache(data_dir, tmp_path, monkeypat
     cache = task.arch_cache
     b = batches[0]
     ids = b["id"].tolist()
-    before = [r.copy() for r in cache.store.read_rows(cache.write_gen, "source", cache.store.pos_of[ids])]
+    before = [r.copy() for r in cache.store.read_rows(cache.access.generation, "source", cache.store.pos_of[ids])]
     real_grad = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: tuple(g * float("nan") for g in real_grad(*a, **k)))
     loss, _, log = crit(model, b)
     assert torch.isfinite(loss) and log["adv_skipped"] == 1
-    after = cache.store.read_rows(cache.write_gen, "source", cache.store.pos_of[ids])
+    after = cache.store.read_rows(cache.access.generation, "source", cache.store.pos_of[ids])
     assert all(np.array_equal(x, y) for x, y in zip(before, after))
 
 
@@ -298,7 +298,7 @@ def test_half_precision_model_keeps_fp32_kl_and_float16_cache(data_dir, tmp_path
     assert log["adv_loss"].dtype == torch.float32 and log["adv_loss"] > 0
     assert log["adv_delta_norm"] / log["adv_delta_count"] == pytest.approx(0.1, rel=0.02)  # ascent reached the ball
     cache = task.arch_cache
-    mm = cache.store.token_file(cache.write_gen, "source")
+    mm = cache.store.perturbation_rows(cache.access.generation, "source")
     assert mm.dtype == np.float16
-    rows = cache.store.read_rows(cache.write_gen, "source", cache.store.pos_of[b["id"].tolist()])
+    rows = cache.store.read_rows(cache.access.generation, "source", cache.store.pos_of[b["id"].tolist()])
     assert all(np.isfinite(r).all() and np.linalg.norm(r) > 0.09 for r in rows)
