@@ -7,7 +7,7 @@ l2 norm of the perturbation and the divergence the criterion regularises,
 ``KL(f(x) || f(x + delta))`` (the criterion's ``divergence`` with its ``--adv-kl``,
 summed over target tokens, divided by the target tokens), for:
 
-- ``fresh``: a fresh S-step ascent (the criterion's own ``_ascent``);
+- ``fresh``: a fresh S-step ascent (the criterion's own, ``fresh_perturbation``);
 - ``cached``: the rows the cache holds (cached sentences of the set);
 - ``rebuilt[mode]``: the rows rebuilt from neighbours (uncached sentences), through
   the cache's own ``read()`` in reuse mode, for every ``--arch-rebuild-norm`` mode the
@@ -267,21 +267,17 @@ def probe_model(task, model, criterion, ids: Sequence[int], batch_size: int = 32
         acc[side].setdefault(kind, _Acc()).add(kl, tokens, norms)
 
     gen = torch.Generator().manual_seed(seed)
-    saved_sides = criterion.sides
     with preserved_state(core):
-        try:
-            for start in range(0, len(ids), batch_size):
-                samples = [ds[int(i)] for i in ids[start: start + batch_size]]
-                batch = ds.collater(samples)
-                if not batch:
-                    continue
-                if device.type == "cuda":
-                    from fairseq import utils as fs_utils
+        for start in range(0, len(ids), batch_size):
+            samples = [ds[int(i)] for i in ids[start: start + batch_size]]
+            batch = ds.collater(samples)
+            if not batch:
+                continue
+            if device.type == "cuda":
+                from fairseq import utils as fs_utils
 
-                    batch = fs_utils.move_to_cuda(batch)
-                _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add, extra)
-        finally:
-            criterion.sides = saved_sides
+                batch = fs_utils.move_to_cuda(batch)
+            _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add, extra)
 
     out = {}
     for side in sides:
@@ -302,9 +298,10 @@ def _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add, extr
     masks = {"source": net_input["src_tokens"].ne(pad), "target": net_input["prev_output_tokens"].ne(pad)}
     ids = batch["id"].tolist()
     with torch.no_grad():
-        lprobs, target = criterion._lprobs_fp32(core, core(**net_input), batch)
+        lprobs, target = criterion.lprobs_fp32(core, core(**net_input), batch)
     teacher = lprobs.detach()
     tgt_mask = target.ne(pad)
+    ascent_teacher = criterion.teacher(teacher, target, batch)
     b, t = batch["target"].shape
     per_token = tgt_mask.view(b, t)
     pos = view.store.pos_of[np.asarray(ids, dtype=np.int64)] if view is not None else np.full(len(ids), -1)
@@ -316,8 +313,8 @@ def _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add, extr
         """(token-summed KL over the subset's sentences, their target tokens)."""
         sel = (per_token & subsets[subset].view(-1, 1)).reshape(-1)
         with torch.no_grad():
-            out = criterion._perturbed_forward(core, net_input, {side: delta})
-            student, _ = criterion._lprobs_fp32(core, out, batch)
+            out = criterion.perturbed_forward(core, net_input, {side: delta})
+            student, _ = criterion.lprobs_fp32(core, out, batch)
             return float(divergence(teacher, student, sel, criterion.adv_kl)), int(sel.sum())
 
     def record(side, kind, delta, subset):
@@ -328,10 +325,8 @@ def _probe_batch(criterion, core, batch, sides, view, modes, pad, gen, add, extr
         add(side, kind, kl, tokens, sentence_norms(delta, masks[side])[sel.to(delta.device)])
 
     for side in sides:
-        criterion.sides = [side]
         try:
-            fresh = criterion._ascent(core, batch, teacher, tgt_mask, masks, PROBE_INIT_KEY,
-                                      {"fwd": 0, "bwd": 0})[side]
+            fresh = criterion.fresh_perturbation(core, batch, ascent_teacher, masks, PROBE_INIT_KEY, sides=[side])[side]
         except FloatingPointError:
             logger.warning("ARCH probe: non-finite ascent gradient, batch skipped")
             continue
@@ -408,6 +403,6 @@ def log_probe(task, model, criterion, epoch: int, n: int) -> Optional[dict]:
     if n <= 0 or epoch < 2 or dist_info()[0] != 0:
         return None
     ds = task.dataset(task.cfg.train_subset)
-    res = probe_model(task, model, criterion, probe_ids(len(ds), n, criterion.seed), seed=criterion.seed)
+    res = probe_model(task, model, criterion, probe_ids(len(ds), n, criterion.space.seed), seed=criterion.space.seed)
     logger.info(summary_line(f"ARCH probe epoch {epoch - 1} ({n} sentences, model at the start of epoch {epoch})", res))
     return res
