@@ -34,25 +34,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import common
 from .quality import _progress
 
-# (forwards, backwards) per update: our literal count and the paper's Table 1 count
-COUNTS = {
-    "none": ((1, 1), (1, 1)),
-    "r3f": ((2, 1), (2, 1)),
-    "smart": (lambda s: (s + 2, s + 1), lambda s: (1 + s, 1 + s)),
-    "freelb": (lambda s: (s + 1, s + 1), lambda s: (1 + s, 1 + s)),
-    "arch-refresh": (lambda s: (s + 2, s + 1), lambda s: (s + 1, s + 1)),
-    "arch-reuse": ((2, 1), (2, 1)),
-    # R-Drop is not in Table 1: its two dropout passes (one doubled batch in the
-    # authors' code) and one backward, counted as everywhere else
-    "rdrop": ((2, 1), (2, 1)),
+# (forwards, backwards) per update in the paper's Table 1 (ours: each method's own
+# declaration, fairseq_arch/methods/). R-Drop is not in Table 1: its two dropout passes (one
+# doubled batch in the authors' code) and one backward, counted as everywhere else.
+PAPER_COUNTS = {
+    "none": (1, 1),
+    "r3f": (2, 1),
+    "smart": lambda s: (1 + s, 1 + s),
+    "freelb": lambda s: (1 + s, 1 + s),
+    "arch-refresh": lambda s: (s + 1, s + 1),
+    "arch-reuse": (2, 1),
+    "rdrop": (2, 1),
 }
 
 
 def _counts(name, steps):
-    ours, paper = COUNTS[name]
-    ours = ours(steps) if callable(ours) else ours
-    paper = paper(steps) if callable(paper) else paper
-    return ours, paper
+    """(ours, the paper's) (forwards, backwards) of ``name`` (a method, or arch-refresh /
+    arch-reuse) with S = ``steps``."""
+    from fairseq_arch.methods import method_class
+
+    ours = method_class(name.split("-")[0]).passes(steps, refresh=name != "arch-reuse")
+    paper = PAPER_COUNTS[name]
+    return ours, paper(steps) if callable(paper) else paper
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -127,9 +130,7 @@ def _timed(fn):
 
 
 def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_arch: str = None) -> dict:
-    from fairseq_arch.criterions.adversarial_label_smoothed_cross_entropy import (
-        AdversarialLabelSmoothedCrossEntropyCriterion as Crit,
-    )
+    from fairseq_arch.in_process import criterion_with
 
     data = common.multi30k_bin(work, sentences)
     arch_flags = ["--adv-method", "arch", "--arch-refresh-interval", str(tc), "--adv-steps", str(steps)]
@@ -138,7 +139,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
     for scratch in ("cost-refresh", "cost-reuse"):
         # a fresh cache each run: a previous run's would be "ahead of the checkpoint" (epoch 1 again)
         shutil.rmtree(os.path.join(work, scratch), ignore_errors=True)
-    _, task_ref, model, crit_ref = common.build(data, os.path.join(work, "cost-refresh"), arch_flags)
+    cfg_ref, task_ref, model, crit_ref = common.build(data, os.path.join(work, "cost-refresh"), arch_flags)
     _, task_use, _, crit_use = common.build(data, os.path.join(work, "cost-reuse"), arch_flags)
     batches = common.train_batches(task_ref)
     model.train()
@@ -155,7 +156,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
     print(f"cost: cache filled in {_progress().fmt_duration(time.perf_counter() - t_start)}", flush=True)
     task_ref.begin_epoch(1, model)
 
-    crits = {m: Crit(task_ref, False, 0.1, adv_method=m, adv_steps=steps) for m in ("none", "r3f", "smart", "freelb", "rdrop")}
+    crits = {m: criterion_with(cfg_ref, task_ref, adv_method=m) for m in ("none", "r3f", "smart", "freelb", "rdrop")}
     crits["arch-refresh"] = crit_ref
     crits["arch-reuse"] = crit_use
 

@@ -2,7 +2,7 @@
 counts, lambda = 0 equals `none`, FreeLB's accumulated gradient, task requirements,
 and a short fairseq-train run of each method through the CLI.
 
-Counting (same for every method, see the criterion's docstring): each model call is
+Counting (same for every method, see fairseq_arch/methods/__init__.py): each model call is
 a forward, each gradient computation (ascent autograd.grad, the trainer's backward)
 a backward. Literal counts per batch with S ascent steps:
 none 1/1, r3f 2/1, smart S+2/S+1, freelb S+1/S+1, arch refresh S+2/S+1 and reuse 2/1.
