@@ -172,10 +172,10 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
             return out
         return run
 
-    task_use.arch_cache.read = timed(task_use.arch_cache.read, read_time, hot_time)
+    task_use.arch_cache.access.read = timed(task_use.arch_cache.access.read, read_time, hot_time)
     for c in crits.values():
         c._init = timed(c._init, hot_time)
-    task_ref.arch_cache.store_fresh = timed(task_ref.arch_cache.store_fresh, hot_time)
+    task_ref.arch_cache.access.store_fresh = timed(task_ref.arch_cache.access.store_fresh, hot_time)
     opt = _TorchOptimizer(model.parameters(), lr=1e-4)
     task_of = {m: task_use if m == "arch-reuse" else task_ref for m in crits}
 
@@ -249,7 +249,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
         rows["arch (amortised)"][f"{key}_mib"] = mib
         rows["arch (amortised)"][f"{key}_vs_none"] = mib / peak["early"]["none"]
     store = task_use.arch_cache.store
-    gen = os.path.join(store.dir, task_use.arch_cache.read_gen)
+    gen = os.path.join(store.dir, task_use.arch_cache.access.generation)
     disk = {s: os.path.getsize(os.path.join(gen, f"{s}.bin")) for s in store.sides}
     ds = task_use.dataset("train")
     formula = {s: 0.1 * float((ds.src_sizes if s == "source" else ds.tgt_sizes).sum()) * store.dims[s] * 2

@@ -45,18 +45,13 @@ def load(checkpoint: str, data: str, cache_dir: str = None):
     model.eval()
     cache = None
     if getattr(criterion, "uses_arch_cache", False) and hasattr(task, "arch_cache"):
-        from fairseq_arch.arch_cache import ArchCache
+        from fairseq_arch.cache import ArchCache
 
         # the task builds its cache exactly as in training; only the epoch step
-        # (finalise / new generation / checks) is left out: nothing is written but
-        # the dir's owner token
+        # (finalise / new generation / checks) is left out: ArchCache.open writes
+        # nothing but the dir's owner token
         real = ArchCache.begin_epoch
-
-        def open_only(self, epoch, model):
-            if self.store is None:
-                self._setup(model)
-
-        ArchCache.begin_epoch = open_only
+        ArchCache.begin_epoch = lambda self, epoch, model: self.open(model)
         try:
             task.begin_epoch(int(state.get("extra_state", {}).get("train_iterator", {}).get("epoch", 1)), model)
         finally:
@@ -69,11 +64,14 @@ def run(checkpoint: str, data: str, sentences: int = 256, cache_dir: str = None,
         batch_size: int = 32) -> dict:
     from fairseq_arch.probe import probe_ids, probe_model
 
+    from .experimental_rebuilds import ExperimentalRebuilds
+
     cfg, task, model, criterion, cache = load(checkpoint, data, cache_dir)
     ds = task.dataset(task.cfg.train_subset)
     ids = probe_ids(len(ds), sentences, seed)
     t0 = time.perf_counter()
-    res = probe_model(task, model, criterion, ids, batch_size=batch_size, seed=seed, cache=cache, experimental=True)
+    res = probe_model(task, model, criterion, ids, batch_size=batch_size, seed=seed, cache=cache,
+                      extra=ExperimentalRebuilds)
     res["seconds"] = time.perf_counter() - t0
     res["config"] = {
         "checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data), "sentences": int(len(ids)),

@@ -1,5 +1,5 @@
 """Cache build and neighbour search at scale, through the plugin's own code path
-(PerturbationCacheStore + ArchCache.compute_neighbors), one subprocess per scale so
+(PerturbationCacheStore + NeighborSearch.compute_neighbors), one subprocess per scale so
 that peak resident memory is that scale's alone.
 
 Corpora: Tatoeba De-En (170k real pairs, whitespace tokens) and synthetic corpora of
@@ -72,8 +72,8 @@ def synthetic_pairs(n, vocab=32000, seed=0):
 
 
 def one_scale(name: str, dim: int, fraction: float, k: int, max_queries: int = 200_000) -> dict:
-    from fairseq_arch.arch_cache import ArchCache
-    from fairseq_arch.cache_store import PerturbationCacheStore
+    from fairseq_arch.cache import PerturbationCacheStore
+    from fairseq_arch.cache.search import NEIGHBOR_CHUNK, NeighborSearch
     from fairseq_arch.neighbors import brute_force_knn
 
     t0 = time.perf_counter()
@@ -83,11 +83,10 @@ def one_scale(name: str, dim: int, fraction: float, k: int, max_queries: int = 2
     w = {s: torch.randn(vocab, dim, generator=g) for s in ("source", "target")}
     tmp = tempfile.mkdtemp(prefix="arch-scale-")
     try:
-        cache = ArchCache(tmp, pairs, _Dict(), _Dict(), refresh_interval=15, ema=0.01, fraction=fraction,
-                          num_neighbors=k, neighbor_embeddings="fixed", fixed_embeddings=w, dtype="float16", seed=1)
         store = PerturbationCacheStore(tmp, pairs.src_sizes, pairs.tgt_sizes, {"source": dim, "target": dim},
                                        fraction, 1, "float16", k)
-        cache.store = store
+        nn = NeighborSearch(store, pairs, {"source": _Dict(), "target": _Dict()}, num_neighbors=k,
+                            neighbor_embeddings="fixed", fixed_embeddings=w, seed=1)
         t = time.perf_counter()
         store.create_or_check()
         store.open_layout()
@@ -97,7 +96,7 @@ def one_scale(name: str, dim: int, fraction: float, k: int, max_queries: int = 2
         for side in store.sides:
             from fairseq_arch.cache_math import row_means
 
-            row_means(store.token_file("gen-e0001", side), store.offsets[side])
+            row_means(store.perturbation_rows("gen-e0001", side), store.offsets[side])
         means_s = time.perf_counter() - t
         search = {}
         nbr = {}
@@ -106,22 +105,21 @@ def one_scale(name: str, dim: int, fraction: float, k: int, max_queries: int = 2
         for side in store.sides:
             t = time.perf_counter()
             if not sampled:
-                nbr[side] = cache.compute_neighbors(side, None, 1)
+                nbr[side] = nn.compute_neighbors(side, None, 1)
                 search[side] = time.perf_counter() - t
                 continue
             # exact search is linear in the number of queries: time the full database
             # against the first max_queries queries, in the plugin's chunks, and scale up
-            from fairseq_arch.arch_cache import NEIGHBOR_CHUNK
             from fairseq_arch.neighbors import CosineIndex
 
             nbr[side] = np.full((store.n_sentences, k), -1, dtype=np.int32)
-            index = CosineIndex(cache._vectors(side, store.cached_ids, w[side]), "cpu")
+            index = CosineIndex(nn.sentence_vectors(side, store.cached_ids, w[side]), "cpu")
             t_db = time.perf_counter() - t
             t = time.perf_counter()
             sub = uncached_all[:max_queries]
             for start in range(0, len(sub), NEIGHBOR_CHUNK):
                 chunk = sub[start: start + NEIGHBOR_CHUNK]
-                nbr[side][chunk] = index.search(cache._vectors(side, chunk, w[side]), k)[1].numpy()
+                nbr[side][chunk] = index.search(nn.sentence_vectors(side, chunk, w[side]), k)[1].numpy()
             search[side] = t_db + (time.perf_counter() - t) * len(uncached_all) / len(sub)
         # exact faiss vs brute force on 2000 uncached queries (source side)
         rng = np.random.default_rng(1)
@@ -129,8 +127,8 @@ def one_scale(name: str, dim: int, fraction: float, k: int, max_queries: int = 2
         if sampled:
             uncached = uncached[:max_queries]
         q = rng.choice(uncached, size=min(2000, len(uncached)), replace=False)
-        db = cache._vectors("source", store.cached_ids, w["source"])
-        qv = cache._vectors("source", q, w["source"])
+        db = nn.sentence_vectors("source", store.cached_ids, w["source"])
+        qv = nn.sentence_vectors("source", q, w["source"])
         best, ref = brute_force_knn(qv, db, 1)
         agree = float((ref[:, 0].numpy() == nbr["source"][q, 0]).mean())
         # a different index with the same similarity is a tie, not a disagreement

@@ -120,7 +120,7 @@ def test_probe_changes_no_rng_state_parameters_or_modes(trained):
 
 @pytest.mark.fast
 def test_token_aligned_rows_take_the_same_word_else_the_nearest_embedding():
-    from fairseq_arch.probe import token_aligned_rows
+    from benchmarks.experimental_rebuilds import token_aligned_rows
 
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [-1.0, 0.0]])
     nbr_tokens = np.array([0, 1, 0])
@@ -133,7 +133,7 @@ def test_token_aligned_rows_take_the_same_word_else_the_nearest_embedding():
 
 @pytest.mark.fast
 def test_word_table_is_the_mean_row_of_each_word():
-    from fairseq_arch.probe import word_table
+    from benchmarks.experimental_rebuilds import word_table
 
     t = word_table([np.array([4, 5]), np.array([5, 6, 4])],
                    [np.array([[1.0], [2.0]]), np.array([[4.0], [8.0], [3.0]])])
