@@ -189,16 +189,6 @@ class ArchCache:
         sizer = self.sizer if rebuild_norm is None else self.sizer.with_mode(rebuild_norm)
         return ReuseReader(store, cur["name"], self.search, sizer, neighbors, self.epoch)
 
-    def read(self, sample_ids, side: str, mask: torch.Tensor, project) -> Tuple[torch.Tensor, int, int]:
-        """Reuse epochs: ``self.access.read`` (ReuseReader.read)."""
-        assert isinstance(self.access, ReuseReader), "read() is for reuse epochs"
-        return self.access.read(sample_ids, side, mask, project)
-
-    def store_fresh(self, sample_ids, side: str, fresh: torch.Tensor, mask: torch.Tensor, project) -> torch.Tensor:
-        """Refresh epochs: ``self.access.store_fresh`` (RefreshWriter.store_fresh)."""
-        assert isinstance(self.access, RefreshWriter), "store_fresh() is for refresh epochs"
-        return self.access.store_fresh(sample_ids, side, fresh, mask, project)
-
     def flush(self) -> bool:
         """Make this rank's cache writes durable (called on every rank when a checkpoint is
         saved, see checkpoint_flush); whether there was a generation being written."""

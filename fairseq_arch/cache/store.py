@@ -1,14 +1,14 @@
 """Disk-backed, memory-mapped perturbation cache (paper Alg. 2-3): the files of one
 ``--arch-cache-dir``. Only this module (and the modules it delegates to: layout,
-shards, epoch_tables) names cache files.
+state, flags, shards, epoch_tables) names cache files.
 
 Layout of ``--arch-cache-dir``::
 
     layout.json            fingerprint: data sizes, dims, p, seed, dtype, K, sides (layout.py)
     cached_ids.npy         sorted dataset indices of the cached sentences (M) (layout.py)
     owner.token            a fresh token of the process group that opened the dir: every
-                           rank must read rank 0's back (one dir shared by all nodes)
-    state.json             which generation is current / being written
+                           rank must read rank 0's back (one dir shared by all nodes) (state.py)
+    state.json             which generation is current / being written (state.py)
     gen-e0001/             one generation per refresh epoch (here epoch 1)
         source.bin         M ragged token rows of the source side, [sum len x C] raw dtype
         target.bin         same for the target side (decoder input positions)
@@ -20,7 +20,7 @@ Layout of ``--arch-cache-dir``::
                            searched (only when some rows got no batch; see finalize.py)
         target_*.npy       same for the target side
         source.written     while being written: one byte per cached sentence, 1 once a
-                           batch wrote its row (removed when the generation is complete)
+                           batch wrote its row (removed when the generation is complete; flags.py)
         source.r00001.shard  while being written: the rows rank 1 wrote since the
                            last merge (an append-only log, see shards.py)
         COMPLETE           written last (epoch, checksums of every .bin/.npy, the
@@ -40,47 +40,22 @@ through per-rank shards that rank 0 merges (shards.py: why, on NFS).
 
 import os
 import shutil
-import uuid
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .epoch_tables import EpochNeighborTables
 from .faults import fault_point
-from .files import (DAMAGED, CacheCorruptError, atomic_save_npy, atomic_write_json, atomic_write_text,
-                    check_size, crc32_problem, disk_error, file_crc32, read_json_dict)
-from .layout import SIDES, CacheLayout
+from .files import (DAMAGED, CacheCorruptError, atomic_save_npy, atomic_write_json, check_size, crc32_problem,
+                    disk_error, file_crc32, read_json_dict)
+from .flags import WRITTEN, WriteFlags
+from .layout import CacheLayout
 from .shards import ShardLog
+from .state import EMPTY_STATE, OwnerToken, StateFile
 
-STATE_FILE = "state.json"
-TOKEN_FILE = "owner.token"
 COMPLETE = "COMPLETE"
-# suffix of a generation's per-side "row written by a batch" flags (only while it is
-# being written; not a .bin/.npy, so not part of the checksums of a complete one)
-WRITTEN = ".written"
 # the per-side arrays of a generation, by what they hold
 ARRAYS = {"means": "_mean.npy", "sizes": "_norm.npy", "neighbors": "_nbr.npy", "neighbor_db": "_nbr_db.npy"}
-
-
-def check_state(path: str, state: dict) -> dict:
-    """state.json: {"current": None | {name, epoch}, "in_progress": None | {name, epoch, base}}."""
-    def bad(why):
-        return CacheCorruptError(f"{path} is invalid ({why}): {DAMAGED}")
-
-    for key, fields in (("current", ("name", "epoch")), ("in_progress", ("name", "epoch", "base"))):
-        if key not in state:
-            raise bad(f"no {key!r} entry")
-        entry = state[key]
-        if entry is None:
-            continue
-        if not isinstance(entry, dict) or any(f not in entry for f in fields):
-            raise bad(f"{key!r} must be null or an object with {list(fields)}, got {entry!r}")
-        if not isinstance(entry["name"], str) or not entry["name"].startswith("gen-") \
-                or type(entry["epoch"]) is not int or entry["epoch"] < 1:
-            raise bad(f"{key!r} must name a generation gen-* and a positive integer epoch, got {entry!r}")
-        if key == "in_progress" and not (entry["base"] is None or isinstance(entry["base"], str)):
-            raise bad(f"'in_progress' base must be null or a generation name, got {entry['base']!r}")
-    return state
 
 
 class PerturbationCacheStore:
@@ -92,9 +67,10 @@ class PerturbationCacheStore:
         self.layout = CacheLayout(cache_dir, src_sizes, tgt_sizes, dims, fraction, seed, dtype, num_neighbors)
         self.shards = ShardLog(self.layout, rank)  # the rank whose shards this process writes
         self.epoch_tables = EpochNeighborTables(os.path.join(cache_dir, "neighbors"))
-        self._state_path = os.path.join(cache_dir, STATE_FILE)
-        self._token_path = os.path.join(cache_dir, TOKEN_FILE)
-        self._maps: Dict[str, np.memmap] = {}
+        self.state_file = StateFile(cache_dir)
+        self.token = OwnerToken(cache_dir)
+        self.flags = WriteFlags(self.gen_dir, lambda: self.layout.num_cached)
+        self._maps: Dict[str, np.memmap] = {}  # "<generation>/<side>" -> read-only rows
 
     # the layout's fixed facts, read through the store
     sides = property(lambda self: self.layout.sides)
@@ -127,18 +103,12 @@ class PerturbationCacheStore:
             if gens:
                 raise CacheCorruptError(f"{self.layout.path} is missing but the dir holds {gens}: {DAMAGED}")
             self.layout.write_ids()
-            self.write_state({"current": None, "in_progress": None})
+            self.write_state(dict(EMPTY_STATE))
             atomic_write_json(self.layout.path, self.fingerprint)
-        token = uuid.uuid4().hex
-        atomic_write_text(self._token_path, token)
-        return token
+        return self.token.stamp()
 
     def read_token(self) -> Optional[str]:
-        try:
-            with open(self._token_path) as f:
-                return f.read().strip()
-        except FileNotFoundError:
-            return None
+        return self.token.read()
 
     def open_layout(self) -> None:
         """Load the (immutable) layout; every rank calls this after rank 0 made it."""
@@ -147,10 +117,10 @@ class PerturbationCacheStore:
     # -- state ---------------------------------------------------------------------
 
     def read_state(self) -> dict:
-        return check_state(self._state_path, read_json_dict(self._state_path))
+        return self.state_file.read()
 
     def write_state(self, state: dict) -> None:
-        atomic_write_json(self._state_path, state)
+        self.state_file.write(state)
 
     @staticmethod
     def gen_name(epoch: int) -> str:
@@ -164,9 +134,6 @@ class PerturbationCacheStore:
 
     def _bin(self, name: str, side: str) -> str:
         return os.path.join(self.gen_dir(name), f"{side}.bin")
-
-    def _flags(self, name: str, side: str) -> str:
-        return os.path.join(self.gen_dir(name), f"{side}{WRITTEN}")
 
     # -- generations ---------------------------------------------------------------
 
@@ -190,10 +157,8 @@ class PerturbationCacheStore:
                     with open(path, "wb") as f:
                         if self.expected_bytes(side) > 0:
                             os.posix_fallocate(f.fileno(), 0, self.expected_bytes(side))
-                # one byte per cached sentence, set when a batch writes its row: rows
-                # no batch of the refresh wrote are found (and filled) at finalisation
-                with open(os.path.join(tmp, f"{side}{WRITTEN}"), "wb") as f:
-                    f.write(bytes(self.num_cached))
+                # rows no batch of the refresh wrote are found (and filled) at finalisation
+                self.flags.create(tmp, side)
             fault_point(f"create_generation@{name}")
             os.replace(tmp, d)
         except OSError as e:
@@ -203,7 +168,7 @@ class PerturbationCacheStore:
 
     def perturbation_rows(self, name: str, side: str) -> np.ndarray:
         """Every cached token row of a side (``sum len x C``, memory-mapped, read-only)."""
-        key = f"{name}/{side}/r"
+        key = f"{name}/{side}"
         if key not in self._maps:
             path = self._bin(name, side)
             check_size(path, self.expected_bytes(side))
@@ -217,10 +182,8 @@ class PerturbationCacheStore:
     def close_maps(self) -> None:
         """Drop the memory maps; close this process's shards (which makes what it
         appended visible to rank 0 on another node: NFS close-to-open)."""
-        for m in self._maps.values():
-            if isinstance(m, np.memmap) and m.mode != "r":
-                m.flush()
         self._maps = {}
+        self.flags.close()
         self.shards.close()
 
     def read_rows(self, name: str, side: str, positions: Sequence[int]) -> List[np.ndarray]:
@@ -267,10 +230,7 @@ class PerturbationCacheStore:
             if not paths:
                 continue
             merged[side], written = self.shards.merge_side(self._bin(name, side), side, paths)
-            if written.any():
-                flags = self._written_map(name, side)
-                flags[written] = 1
-                flags.flush()
+            self.flags.mark(name, side, written)
         for path in (p for paths in shards.values() for p in paths):
             try:
                 os.remove(path)
@@ -278,33 +238,18 @@ class PerturbationCacheStore:
                 pass
         return merged
 
-    def _written_map(self, name: str, side: str) -> np.memmap:
-        """The writable per-sentence "row written" flags of a generation being written."""
-        key = f"{name}/{side}{WRITTEN}/w"
-        if key not in self._maps:
-            path = self._flags(name, side)
-            check_size(path, self.num_cached)
-            self._maps[key] = np.memmap(path, dtype=np.uint8, mode="r+", shape=(self.num_cached,))
-        return self._maps[key]
-
     def written_flags(self, name: str, side: str) -> np.ndarray:
         """M bools: which cached rows a batch wrote in this generation, as of the last
         merge of its shards."""
-        return np.asarray(self._written_map(name, side)) != 0
+        return self.flags.read(name, side)
 
     def remove_written_flags(self, name: str) -> None:
         """After finalisation the flags mean nothing: the generation is read-only."""
-        for side in self.sides:
-            self._maps.pop(f"{name}/{side}{WRITTEN}/w", None)
-            if os.path.exists(self._flags(name, side)):
-                os.remove(self._flags(name, side))
+        self.flags.remove(name, self.sides)
 
     def flush(self, name: str) -> None:
-        """Make this process's writes to generation ``name`` durable: memory maps and its
-        shards (fsync, and the directory that holds them)."""
-        for key, m in self._maps.items():
-            if key.startswith(name + "/") and isinstance(m, np.memmap) and m.mode != "r":
-                m.flush()
+        """Make this process's writes to generation ``name`` durable: its shards (fsync,
+        and the directory that holds them); the flags are flushed as they are set."""
         self.shards.flush(self.gen_dir(name))
 
     # -- a generation's arrays (ARRAYS) ---------------------------------------------
@@ -358,4 +303,4 @@ class PerturbationCacheStore:
                 shutil.rmtree(os.path.join(self.dir, entry), ignore_errors=True)
 
 
-__all__ = ["PerturbationCacheStore", "SIDES", "WRITTEN", "ARRAYS", "check_state"]
+__all__ = ["ARRAYS", "COMPLETE", "WRITTEN", "PerturbationCacheStore"]
