@@ -73,30 +73,34 @@ def ema_update(cached: Optional[torch.Tensor], fresh: torch.Tensor, alpha: float
     return alpha * cached.float() + (1.0 - alpha) * fresh.float()
 
 
-def row_means(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: int = 1 << 20) -> np.ndarray:
-    """Mean over tokens of each ragged row block: ``flat_rows[offsets[i]:offsets[i+1]]``.
-
-    ``flat_rows`` may be a memory map: it is read in chunks of whole sentences, so
-    memory stays bounded by ``chunk_rows x C``. Returns ``M x C`` float32.
-    """
+def _sentence_chunks(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: int):
+    """The ragged row blocks ``flat_rows[offsets[i]:offsets[i+1]]`` in chunks of whole
+    sentences (at most ``chunk_rows`` rows, or one sentence): ``(start, end, block,
+    starts, lengths)`` per chunk holding rows, where ``block`` is the float32 rows of
+    sentences ``start:end``, ``starts`` where each begins in it and ``lengths`` their
+    rows. ``flat_rows`` may be a memory map: memory stays bounded by ``chunk_rows x C``."""
     m = len(offsets) - 1
-    dim = flat_rows.shape[1]
-    out = np.zeros((m, dim), dtype=np.float32)
     start = 0
     while start < m:
         # as many whole sentences as fit in one chunk (at least one)
         end = int(np.searchsorted(offsets, offsets[start] + chunk_rows, side="right")) - 1
-        end = max(end, start + 1)
-        end = min(end, m)
+        end = min(max(end, start + 1), m)
         lo, hi = int(offsets[start]), int(offsets[end])
-        block = np.asarray(flat_rows[lo:hi], dtype=np.float32)
-        rel = offsets[start:end] - lo
-        lengths = np.diff(offsets[start : end + 1])
-        nonempty = lengths > 0
         if hi > lo:
-            sums = np.add.reduceat(block, rel[nonempty].astype(np.int64), axis=0)
-            out[start:end][nonempty] = sums / lengths[nonempty, None]
+            block = np.asarray(flat_rows[lo:hi], dtype=np.float32)
+            yield start, end, block, (offsets[start:end] - lo).astype(np.int64), np.diff(offsets[start: end + 1])
         start = end
+
+
+def row_means(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: int = 1 << 20) -> np.ndarray:
+    """Mean over tokens of each ragged row block: ``flat_rows[offsets[i]:offsets[i+1]]``,
+    read in chunks of whole sentences (:func:`_sentence_chunks`). Returns ``M x C``
+    float32 (zeros for an empty block)."""
+    out = np.zeros((len(offsets) - 1, flat_rows.shape[1]), dtype=np.float32)
+    for start, end, block, starts, lengths in _sentence_chunks(flat_rows, offsets, chunk_rows):
+        nonempty = lengths > 0
+        sums = np.add.reduceat(block, starts[nonempty], axis=0)
+        out[start:end][nonempty] = sums / lengths[nonempty, None]
     return out
 
 
@@ -116,30 +120,20 @@ def row_norms(flat_rows: np.ndarray, offsets: np.ndarray, norm: str = "l2", gran
     Returns ``M`` float32.
     """
     assert norm in ("l2", "linf") and granularity in ("sentence", "word"), (norm, granularity)
-    m = len(offsets) - 1
-    out = np.zeros(m, dtype=np.float32)
-    start = 0
-    while start < m:
-        end = int(np.searchsorted(offsets, offsets[start] + chunk_rows, side="right")) - 1
-        end = min(max(end, start + 1), m)
-        lo, hi = int(offsets[start]), int(offsets[end])
-        block = np.asarray(flat_rows[lo:hi], dtype=np.float32)
-        rel = (offsets[start:end] - lo).astype(np.int64)
-        lengths = np.diff(offsets[start: end + 1])
+    out = np.zeros(len(offsets) - 1, dtype=np.float32)
+    for start, end, block, starts, lengths in _sentence_chunks(flat_rows, offsets, chunk_rows):
         nonempty = lengths > 0
-        if hi > lo:
-            if norm == "l2":
-                per_token = np.sqrt(np.square(block).sum(axis=1)) if granularity == "word" else np.square(block).sum(axis=1)
-            else:
-                per_token = np.abs(block).max(axis=1)
-            if granularity == "word":
-                vals = np.add.reduceat(per_token, rel[nonempty]) / lengths[nonempty]
-            elif norm == "l2":
-                vals = np.sqrt(np.add.reduceat(per_token, rel[nonempty]))
-            else:
-                vals = np.maximum.reduceat(per_token, rel[nonempty])
-            out[start:end][nonempty] = vals
-        start = end
+        if norm == "l2":
+            per_token = np.sqrt(np.square(block).sum(axis=1)) if granularity == "word" else np.square(block).sum(axis=1)
+        else:
+            per_token = np.abs(block).max(axis=1)
+        if granularity == "word":
+            vals = np.add.reduceat(per_token, starts[nonempty]) / lengths[nonempty]
+        elif norm == "l2":
+            vals = np.sqrt(np.add.reduceat(per_token, starts[nonempty]))
+        else:
+            vals = np.maximum.reduceat(per_token, starts[nonempty])
+        out[start:end][nonempty] = vals
     return out
 
 
