@@ -41,7 +41,7 @@ def choose_cached_ids(n_sentences: int, fraction: float, seed: int) -> np.ndarra
 
 
 class CacheLayout:
-    """The fingerprint of a run's cache and, once :meth:`open` read ``cached_ids.npy``,
+    """The fingerprint of a run's cache and, once :meth:`open_layout` read ``cached_ids.npy``,
     the cached positions: ``cached_ids`` (M), ``pos_of`` (N: cached position or -1),
     ``lengths[side]`` (M tokens) and ``offsets[side]`` (M + 1: the first row of each
     cached sentence in the side's ``.bin``)."""
@@ -69,7 +69,7 @@ class CacheLayout:
             "dtype": dtype,
             "num_neighbors": int(num_neighbors),
         }
-        self.path = os.path.join(cache_dir, LAYOUT_FILE)
+        self.layout_path = os.path.join(cache_dir, LAYOUT_FILE)
         self.ids_path = os.path.join(cache_dir, IDS_FILE)
         self.cached_ids = np.zeros(0, dtype=np.int64)
         self.num_cached = 0
@@ -79,12 +79,12 @@ class CacheLayout:
 
     def check_existing(self) -> bool:
         """Whether the dir has a layout; if so, it must be this run's."""
-        if not os.path.exists(self.path):
+        if not os.path.exists(self.layout_path):
             return False
-        found = read_json_dict(self.path)
+        found = read_json_dict(self.layout_path)
         missing = [k for k in self.fingerprint if k not in found]
         if missing:
-            raise CacheCorruptError(f"{self.path} is invalid (no {missing}): {DAMAGED}")
+            raise CacheCorruptError(f"{self.layout_path} is invalid (no {missing}): {DAMAGED}")
         diffs = [f"{k}: cache has {found.get(k)!r}, this run has {v!r}"
                  for k, v in self.fingerprint.items() if found.get(k) != v]
         if diffs:
@@ -97,13 +97,13 @@ class CacheLayout:
     def write_ids(self) -> None:
         atomic_save_npy(self.ids_path, choose_cached_ids(self.n_sentences, self.fraction, self.seed))
 
-    def open(self) -> None:
+    def open_layout(self) -> None:
         """Load the layout; every rank calls this after rank 0 made it."""
-        if not os.path.exists(self.path):
-            raise FileNotFoundError(f"{self.path} is missing: every rank must see the same "
+        if not os.path.exists(self.layout_path):
+            raise FileNotFoundError(f"{self.layout_path} is missing: every rank must see the same "
                                     "--arch-cache-dir (a filesystem shared by all nodes)")
-        if read_json_dict(self.path) != self.fingerprint:
-            raise CacheMismatchError(f"{self.path} differs from this rank's settings")
+        if read_json_dict(self.layout_path) != self.fingerprint:
+            raise CacheMismatchError(f"{self.layout_path} differs from this rank's settings")
         self.cached_ids = self._load_cached_ids()
         self.num_cached = len(self.cached_ids)
         assert self.num_neighbors <= self.num_cached, (

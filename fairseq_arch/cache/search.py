@@ -49,10 +49,9 @@ class NeighborSearch:
         self.store = store
         self.dataset = dataset
         self.dicts = dicts
-        self.num_neighbors = num_neighbors
-        self.neighbor_embeddings = neighbor_embeddings
-        self.fixed_embeddings = fixed_embeddings
-        self.seed = seed
+        self.num_neighbors, self.seed = num_neighbors, seed
+        # "random" (R-1-NN), or the embeddings Eq. 4 averages: the model's, or a fixed file's
+        self.neighbor_embeddings, self.fixed_embeddings = neighbor_embeddings, fixed_embeddings
         self.last_backend = ""  # the search backend of the last search ("random" for R-1-NN)
 
     def embedding_matrix(self, side: str, model) -> torch.Tensor:

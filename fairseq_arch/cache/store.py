@@ -58,36 +58,20 @@ COMPLETE = "COMPLETE"
 ARRAYS = {"means": "_mean.npy", "sizes": "_norm.npy", "neighbors": "_nbr.npy", "neighbor_db": "_nbr_db.npy"}
 
 
-class PerturbationCacheStore:
-    """Files of one cache directory; knows nothing about models or batches."""
+class PerturbationCacheStore(CacheLayout):
+    """Files of one cache directory (on top of its layout); knows nothing about models or
+    batches."""
 
     def __init__(self, cache_dir: str, src_sizes: np.ndarray, tgt_sizes: np.ndarray, dims: Dict[str, int],
                  fraction: float, seed: int, dtype: str, num_neighbors: int, rank: int = 0):
-        self.dir = cache_dir
-        self.layout = CacheLayout(cache_dir, src_sizes, tgt_sizes, dims, fraction, seed, dtype, num_neighbors)
-        self.shards = ShardLog(self.layout, rank)  # the rank whose shards this process writes
+        super().__init__(cache_dir, src_sizes, tgt_sizes, dims, fraction, seed, dtype, num_neighbors)
+        self.rank = int(rank)  # the rank whose shards this process writes
+        self.shards = ShardLog(self, self.rank)
         self.epoch_tables = EpochNeighborTables(os.path.join(cache_dir, "neighbors"))
         self.state_file = StateFile(cache_dir)
         self.token = OwnerToken(cache_dir)
-        self.flags = WriteFlags(self.gen_dir, lambda: self.layout.num_cached)
+        self.flags = WriteFlags(self.gen_dir, lambda: self.num_cached)
         self._maps: Dict[str, np.memmap] = {}  # "<generation>/<side>" -> read-only rows
-
-    # the layout's fixed facts, read through the store
-    sides = property(lambda self: self.layout.sides)
-    dims = property(lambda self: self.layout.dims)
-    dtype = property(lambda self: self.layout.dtype)
-    n_sentences = property(lambda self: self.layout.n_sentences)
-    lengths_all = property(lambda self: self.layout.lengths_all)
-    fingerprint = property(lambda self: self.layout.fingerprint)
-    cached_ids = property(lambda self: self.layout.cached_ids)
-    num_cached = property(lambda self: self.layout.num_cached)
-    pos_of = property(lambda self: self.layout.pos_of)
-    lengths = property(lambda self: self.layout.lengths)
-    offsets = property(lambda self: self.layout.offsets)
-    rank = property(lambda self: self.shards.rank)
-
-    def expected_bytes(self, side: str) -> int:
-        return self.layout.expected_bytes(side)
 
     # -- layout and owner token ---------------------------------------------------
 
@@ -95,24 +79,20 @@ class PerturbationCacheStore:
         """Rank 0: make the layout (or check an existing one against this run) and
         stamp the dir with a fresh token; returns the token."""
         os.makedirs(self.dir, exist_ok=True)
-        if not self.layout.check_existing():
+        if not self.check_existing():
             # layout.json is written last when a cache dir is made: without it the dir is
             # new (or its creation was cut short), unless generations exist -- then it was
             # lost, and remaking the layout would reset state.json and orphan them
             gens = sorted(e for e in os.listdir(self.dir) if e.startswith("gen-"))
             if gens:
-                raise CacheCorruptError(f"{self.layout.path} is missing but the dir holds {gens}: {DAMAGED}")
-            self.layout.write_ids()
+                raise CacheCorruptError(f"{self.layout_path} is missing but the dir holds {gens}: {DAMAGED}")
+            self.write_ids()
             self.write_state(dict(EMPTY_STATE))
-            atomic_write_json(self.layout.path, self.fingerprint)
+            atomic_write_json(self.layout_path, self.fingerprint)
         return self.token.stamp()
 
     def read_token(self) -> Optional[str]:
         return self.token.read()
-
-    def open_layout(self) -> None:
-        """Load the (immutable) layout; every rank calls this after rank 0 made it."""
-        self.layout.open()
 
     # -- state ---------------------------------------------------------------------
 
@@ -172,7 +152,7 @@ class PerturbationCacheStore:
         if key not in self._maps:
             path = self._bin(name, side)
             check_size(path, self.expected_bytes(side))
-            rows = self.layout.row_count(side)
+            rows = self.row_count(side)
             if rows == 0:
                 self._maps[key] = np.zeros((0, self.dims[side]), dtype=self.dtype)
             else:
