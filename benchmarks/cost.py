@@ -174,7 +174,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
 
     task_use.arch_cache.access.read = timed(task_use.arch_cache.access.read, read_time, hot_time)
     for c in crits.values():
-        c._init = timed(c._init, hot_time)
+        c.space.init = timed(c.space.init, hot_time)
     task_ref.arch_cache.access.store_fresh = timed(task_ref.arch_cache.access.store_fresh, hot_time)
     opt = _TorchOptimizer(model.parameters(), lr=1e-4)
     task_of = {m: task_use if m == "arch-reuse" else task_ref for m in crits}

@@ -44,7 +44,7 @@ def load(checkpoint: str, data: str, cache_dir: str = None):
         model = model.cuda()
     model.eval()
     cache = None
-    if getattr(criterion, "uses_arch_cache", False) and hasattr(task, "arch_cache"):
+    if criterion.method.needs_cache and hasattr(task, "arch_cache"):
         from fairseq_arch.cache import ArchCache
 
         # the task builds its cache exactly as in training; only the epoch step
@@ -75,9 +75,9 @@ def run(checkpoint: str, data: str, sentences: int = 256, cache_dir: str = None,
     res["seconds"] = time.perf_counter() - t0
     res["config"] = {
         "checkpoint": os.path.abspath(checkpoint), "data": os.path.abspath(data), "sentences": int(len(ids)),
-        "train_sentences": len(ds), "seed": seed, "adv_eps": criterion.adv_eps, "adv_steps": criterion.adv_steps,
-        "adv_step_size": criterion.adv_step_size, "adv_norm": criterion.adv_norm,
-        "adv_granularity": criterion.adv_granularity, "adv_kl": criterion.adv_kl,
+        "train_sentences": len(ds), "seed": seed, "adv_eps": criterion.space.eps, "adv_steps": criterion.ascent.steps,
+        "adv_step_size": criterion.space.step_size, "adv_norm": criterion.space.norm,
+        "adv_granularity": criterion.space.granularity, "adv_kl": criterion.adv_kl,
         "cache_dir": getattr(cache, "cache_dir", None),
         "cache_fraction": getattr(task.cfg, "arch_cache_fraction", None),
         "rebuild_norm_of_run": str(getattr(task.cfg, "arch_rebuild_norm", "paper")),

@@ -220,7 +220,7 @@ def _probe_batch(criterion, core, batch, sides, readers, pad, gen, add, extra):
             norms = sentence_norms(delta, masks[side]).to(delta.device)
             record(side, f"random[{mode}]", _random_like(delta, masks[side], norms, gen), "uncached")
         if extra is not None:
-            for name, delta in extra.deltas(ids, side, masks[side], criterion.adv_eps, criterion.project).items():
+            for name, delta in extra.deltas(ids, side, masks[side], criterion.space.eps, criterion.project).items():
                 record(side, f"rebuilt[{name}]", delta.to(fresh.device), "uncached")
 
 

@@ -148,7 +148,7 @@ def rebuilt_sentence_norms(data_dir, tmp_path, monkeypatch, mode, extra=()):
     seen = record_deltas(crit, monkeypatch)
     logs = run_epoch(task, model, crit, 2, batches)
     cache, store = task.arch_cache, task.arch_cache.store
-    norm, gran = crit.adv_norm, crit.adv_granularity
+    norm, gran = crit.space.norm, crit.space.granularity
 
     def size(rows):  # rows: n x C, the ball's measure
         return float(C.row_norms(rows, np.array([0, len(rows)]), norm, gran)[0])
@@ -228,7 +228,7 @@ def test_epochs_before_the_first_refresh_are_plain_label_smoothing(data_dir, tmp
         assert not [e for e in os.listdir(cache_dir) if e.startswith("gen-")], os.listdir(cache_dir)
     logs = run_epoch(task, model, crit, 3, batches)
     assert task.arch_cache.mode == "refresh" and sum(l["arch_fresh"] for l in logs) == len(task.dataset("train"))
-    assert all(l["adv_fwd"] == 2 + crit.adv_steps for l in logs)
+    assert all(l["adv_fwd"] == 2 + crit.ascent.steps for l in logs)
     logs = run_epoch(task, model, crit, 4, batches)
     assert task.arch_cache.mode == "reuse" and task.arch_cache.access.generation == "gen-e0003"
     assert all(l["adv_fwd"] == 2 and l["arch_cached"] + l["arch_rebuilt"] == len(b["id"]) for l, b in zip(logs, batches))

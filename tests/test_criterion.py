@@ -190,7 +190,7 @@ def test_arch_refresh_with_full_float32_cache_equals_smart(data_dir, tmp_path, m
     task_a, model_a, arch, deltas_a = setup("arch", ["--arch-cache-fraction", "1", "--arch-cache-dtype", "float32"])
     _, model_s, smart, deltas_s = setup("smart", [])
     # smart seeds its init by a batch counter where arch uses the epoch: align them
-    monkeypatch.setattr(smart, "_noise_key", lambda: 1)
+    monkeypatch.setattr(smart.method, "noise_key", lambda: 1)
     for b in utils.batches(task_a)[:2]:
         results = []
         for model, crit in ((model_a, arch), (model_s, smart)):
@@ -230,10 +230,11 @@ def test_ascent_leaves_parameter_grads_untouched(data_dir, tmp_path):
     net_input = batch["net_input"]
     with torch.no_grad():
         out = model(**net_input)
-    teacher, target = crit._lprobs_fp32(model, out, batch)
+    lprobs, target = crit.lprobs_fp32(model, out, batch)
     masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
     counts = {"fwd": 0, "bwd": 0}
-    delta = crit._ascent(unwrap_model(model), batch, teacher, target.ne(1), masks, 1, counts)
+    delta = crit.fresh_perturbation(unwrap_model(model), batch, crit.teacher(lprobs, target, batch), masks, 1,
+                                    counts=counts)
     assert counts == {"fwd": 3, "bwd": 3}
     assert delta["source"].abs().sum() > 0
     for b, p in zip(before, model.parameters()):
@@ -398,9 +399,9 @@ def test_refresh_blends_into_cache_with_ema_and_reprojects(data_dir, tmp_path):
     net_input = b["net_input"]
     with torch.no_grad():
         out = model(**net_input)
-    teacher, target = crit._lprobs_fp32(model, out, b)
+    lprobs, target = crit.lprobs_fp32(model, out, b)
     masks = {"source": net_input["src_tokens"].ne(1), "target": net_input["prev_output_tokens"].ne(1)}
-    fresh = crit._ascent(unwrap_model(model), b, teacher, target.ne(1), masks, 3, {"fwd": 0, "bwd": 0})
+    fresh = crit.fresh_perturbation(unwrap_model(model), b, crit.teacher(lprobs, target, b), masks, 3)
     crit(model, b)  # stores
     new_gen = task.arch_cache.access.generation
     for side in ("source", "target"):

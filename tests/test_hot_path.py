@@ -214,14 +214,15 @@ def test_ascent_step_checks_finiteness_without_a_sync(data_dir, tmp_path):
     ``meta`` tensors (where bool() raises) goes through, and the flag it returns is False
     after a non-finite gradient."""
     _, task, model, crit = utils.build_components(data_dir, ["--adv-method", "smart"], save_dir=str(tmp_path))
+    space = crit.space
     masks = {s: torch.ones(2, 3, dtype=torch.bool, device="meta") for s in crit.sides}
     delta = {s: torch.zeros(2, 3, 32, device="meta") for s in crit.sides}
-    out, finite = crit._step(delta, [torch.ones(2, 3, 32, device="meta") for _ in crit.sides], masks)
+    out, finite = space.step(delta, [torch.ones(2, 3, 32, device="meta") for _ in crit.sides], masks)
     assert set(out) == set(crit.sides) and finite.device.type == "meta"
     masks = {s: torch.ones(2, 3, dtype=torch.bool) for s in crit.sides}
     delta = {s: torch.zeros(2, 3, 32) for s in crit.sides}
     grads = [torch.ones(2, 3, 32), torch.full((2, 3, 32), float("nan"))]
-    _, finite = crit._step(delta, grads[:len(crit.sides)], masks)
+    _, finite = space.step(delta, grads[:len(crit.sides)], masks)
     assert bool(finite) is (len(crit.sides) == 1)
 
 

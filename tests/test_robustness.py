@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fairseq_arch.cache import CacheCorruptError, CacheMismatchError
-from fairseq_arch.criterions import adversarial_label_smoothed_cross_entropy as crit_mod
+from fairseq_arch.perturbation import Teacher
 
 from . import utils
 
@@ -263,8 +263,8 @@ def test_undamaged_copy_of_the_cache_resumes(data_dir, healthy_cache, tmp_path):
 
 def test_non_finite_regularizer_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
     task, model, crit, batches = one_refresh_epoch(data_dir, str(tmp_path / "ckpt"))
-    real = crit_mod.Teacher.divergence
-    monkeypatch.setattr(crit_mod.Teacher, "divergence", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = Teacher.divergence
+    monkeypatch.setattr(Teacher, "divergence", lambda *a, **k: real(*a, **k) * float("inf"))
     loss, _, log = crit(model, batches[0])  # reuse epoch
     assert torch.isfinite(loss) and log["adv_skipped"] == 1 and log["adv_loss"] == 0
     assert torch.allclose(loss, log["ls_loss"])

@@ -1,7 +1,7 @@
 """Task ``arch_translation``: translation with ARCH's perturbation cache.
 
 It is :class:`TranslationTask` plus the cache: the task owns the cache of the
-training split (one :class:`~fairseq_arch.arch_cache.ArchCache`), advances it at
+training split (one :class:`~fairseq_arch.cache.ArchCache`), advances it at
 every epoch start, and the criterion asks it, batch by batch, to store fresh
 perturbations (refresh epochs) or to read them back (other epochs).
 """
