@@ -2,7 +2,9 @@
 
 A method declares what the rest of the code asks about it (:class:`~.base.Method`:
 does it run an ascent, is its teacher detached, does it need ARCH's cache, its
-forward/backward counts, its default init and KL) and implements one training step.
+forward/backward counts, its default init and KL) and implements one training step
+(:meth:`~.base.Method.step`; r3f, smart and arch share the KL step of
+``kl_regularised.py`` and say only where delta comes from).
 Adding a method is one new module here, registered with :func:`register_method`, plus
 its tests; the criterion's ``--adv-method`` choices come from :func:`method_names`.
 

@@ -10,11 +10,10 @@ from .kl_regularised import KLRegularised
 class ARCH(KLRegularised):
     runs_ascent = True
     needs_cache = True
-
-    @staticmethod
-    def passes(steps, refresh=True):
-        # Table 1 amortises: 2 + (S - 1) / Tc forwards, 1 + S / Tc backwards
-        return (steps + 2, steps + 1) if refresh else (2, 1)
+    # refresh epochs as smart, reuse epochs 2 and 1 (Table 1 amortises: 2 + (S - 1) / Tc
+    # forwards, 1 + S / Tc backwards)
+    counts = ((2, 1), (1, 1))
+    reuse_counts = ((2, 0), (1, 0))
 
     @classmethod
     def check_config(cls, cfg, task) -> None:

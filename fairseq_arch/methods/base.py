@@ -48,12 +48,17 @@ class Method:
     needs_cache = False
     default_init = "uniform"  # --adv-init when unset
     default_kl = "forward"  # --adv-kl when unset
+    # (forwards, backwards) of one training batch, each as (fixed, per ascent step): smart's
+    # ((2, 1), (1, 1)) is S + 2 forwards, S + 1 backwards; reuse_counts: ARCH's reuse epochs
+    counts = ((1, 0), (1, 0))
+    reuse_counts = None
 
-    @staticmethod
-    def passes(steps: int, refresh: bool = True) -> Tuple[int, int]:
+    @classmethod
+    def passes(cls, steps: int, refresh: bool = True) -> Tuple[int, int]:
         """(forwards, backwards) of one regularised training batch, S = ``steps``;
-        ``refresh``: an ARCH refresh epoch (else a reuse epoch)."""
-        raise NotImplementedError
+        ``refresh``: an ARCH refresh epoch (else a reuse epoch, for a method that has them)."""
+        (f0, fs), (b0, bs) = cls.counts if refresh or cls.reuse_counts is None else cls.reuse_counts
+        return f0 + fs * steps, b0 + bs * steps
 
     @classmethod
     def check_config(cls, cfg, task) -> None:

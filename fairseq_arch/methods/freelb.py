@@ -12,10 +12,7 @@ from .base import Method, StepResult, padding_masks, zero
 @register_method("freelb")
 class FreeLB(Method):
     runs_ascent = True
-
-    @staticmethod
-    def passes(steps, refresh=True):
-        return steps + 1, steps + 1
+    counts = ((1, 1), (1, 1))  # S + 1 forwards and backwards
 
     @classmethod
     def check_config(cls, cfg, task) -> None:

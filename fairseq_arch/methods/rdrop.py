@@ -29,10 +29,7 @@ from .base import Method, StepResult, finite_or_skipped
 
 @register_method("rdrop")
 class RDrop(Method):
-
-    @staticmethod
-    def passes(steps, refresh=True):
-        return 2, 1
+    counts = ((2, 0), (1, 0))
 
     def step(self, model, sample) -> StepResult:
         crit = self.criterion

@@ -8,11 +8,8 @@ from .kl_regularised import KLRegularised
 @register_method("smart")
 class SMART(KLRegularised):
     runs_ascent = True
-
-    @staticmethod
-    def passes(steps, refresh=True):
-        # Table 1 counts 1 + S: it leaves out the forward at the random start
-        return steps + 2, steps + 1
+    # S + 2 forwards, S + 1 backwards (Table 1 counts 1 + S: not the forward at the random start)
+    counts = ((2, 1), (1, 1))
 
     def perturbation(self, core, sample, masks, teacher, result):
         return self.fresh(core, sample, masks, teacher, self.noise_key(), result)
