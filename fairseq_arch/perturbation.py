@@ -509,22 +509,34 @@ class Teacher:
     every divergence of that batch (S ascent steps + the final one): ``lprobs`` N x V
     float32 log-probs of the N real rows, ``rows`` their indices in the flat B*T
     positions. Only the real rows are kept (the full B x T x V teacher held the padding
-    rows as well, for the whole step)."""
+    rows as well, for the whole step).
 
-    def __init__(self, lprobs: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None):
+    ``keep_graph``: also keep the rows with their graph (``live``), for a divergence whose
+    gradient flows into the clean branch too (``--adv-teacher grad``, as R-Drop)."""
+
+    def __init__(self, lprobs: torch.Tensor, mask: torch.Tensor, count: Optional[int] = None,
+                 keep_graph: bool = False):
         v = lprobs.size(-1)
         self.rows = _real_row_index(mask, count)
-        self.lprobs = lprobs.detach().reshape(-1, v).index_select(0, self.rows).float()  # N x V
+        live = lprobs.reshape(-1, v).index_select(0, self.rows).float() if keep_graph else None  # N x V
+        self.live = live
+        self.lprobs = live.detach() if keep_graph else lprobs.detach().reshape(-1, v).index_select(0, self.rows).float()
         self.shape = tuple(mask.shape)
 
-    def divergence(self, student: torch.Tensor, kind: str = "forward", logits: bool = False) -> torch.Tensor:
+    def divergence(self, student: torch.Tensor, kind: str = "forward", logits: bool = False,
+                   through_teacher: bool = False) -> torch.Tensor:
         """Token-summed divergence of ``student`` (log-probs, or logits with
-        ``logits=True``; ``... x V`` with as many positions as the teacher's mask) from the teacher."""
+        ``logits=True``; ``... x V`` with as many positions as the teacher's mask) from the
+        teacher; ``through_teacher``: with the gradient into the teacher's graph too."""
         _check_kind(kind)
         v = self.lprobs.size(-1)
         assert student.numel() == math.prod(self.shape) * v and student.size(-1) == v, (
             f"student {tuple(student.shape)} does not match the teacher's {self.shape} x {v}")
         flat = student.reshape(-1, v)
+        if through_teacher:
+            assert self.live is not None, "through_teacher needs a Teacher made with keep_graph=True"
+            q_log = flat.index_select(0, self.rows).float()
+            return _rows_divergence(self.live, torch.log_softmax(q_log, -1) if logits else q_log, kind)
         if logits:
             return LogitsDivergence.apply(self.lprobs, flat, self.rows, kind == "symmetric")
         return _rows_divergence(self.lprobs, flat.index_select(0, self.rows).float(), kind)

@@ -46,6 +46,10 @@ SCENARIOS = {
     "arch-word-linf": (["--adv-method", "arch", "--adv-norm", "linf", "--adv-granularity", "word",
                         "--adv-sides", "target", "--arch-rebuild-norm", "eps"], 2),
     "arch-first2": (["--adv-method", "arch", "--arch-first-refresh-epoch", "2"], 3),
+    # added with the methods of issue 19 (recorded when they were written)
+    "zero-delta": (["--adv-method", "zero-delta"], 1),
+    "arch-rdrop": (["--adv-method", "arch-rdrop", "--adv-lambda", "5"], 2),
+    "smart-teacher-grad": (["--adv-method", "smart", "--adv-teacher", "grad", "--adv-kl", "symmetric"], 1),
 }
 
 

@@ -21,7 +21,7 @@ from . import utils
 def test_adv_method_choices_are_the_registry():
     choices = Config.__dataclass_fields__["adv_method"].type
     assert [str(c) for c in choices] == list(method_names())
-    assert set(method_names()) == {"none", "r3f", "smart", "freelb", "arch", "rdrop"}
+    assert set(method_names()) == {"none", "r3f", "smart", "freelb", "arch", "rdrop", "zero-delta", "arch-rdrop"}
 
 
 def test_an_unknown_method_is_refused_naming_the_choices():

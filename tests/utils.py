@@ -182,6 +182,19 @@ def record_deltas(crit, monkeypatch, with_masks=False):
     return seen
 
 
+def perturbed(crit, model, batch, delta):
+    """``model(**net_input)`` with ``delta`` (side -> B x T x C) added to the embedding
+    lookups, through the injection hook alone (not the criterion, so no spy sees it)."""
+    from fairseq_arch.injection import check_applied, perturbed_embeddings
+
+    net_input = batch["net_input"]
+    with perturbed_embeddings(model, net_input["src_tokens"], net_input["prev_output_tokens"],
+                              delta.get("source"), delta.get("target")) as applied:
+        out = model(**net_input)
+    check_applied(applied, delta.get("source"), delta.get("target"))
+    return out
+
+
 def batches(task, max_sentences=None, max_tokens=1000):
     itr = task.get_batch_iterator(
         dataset=task.dataset("train"), max_tokens=max_tokens, max_sentences=max_sentences,

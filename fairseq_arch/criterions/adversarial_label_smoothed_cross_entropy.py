@@ -61,6 +61,10 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
         default=None, metadata={"help": "forward = KL(f(x) || f(x+delta)) as in the paper; "
                                 "symmetric = (KL(p||q) + KL(q||p)) / 2 (default: symmetric for r3f, "
                                 "forward otherwise)"})
+    adv_teacher: ChoiceEnum(["detach", "grad"]) = field(
+        default="detach", metadata={"help": "the clean prediction f(x) in the KL of r3f / smart / arch / zero-delta: "
+                                    "'detach' = a fixed teacher (the paper, the official code); 'grad' = gradients "
+                                    "flow through both branches, as in R-Drop"})
     adv_probe_sentences: int = field(
         default=0, metadata={"help": "mechanism probe (--task arch_translation): at the start of every epoch >= 2, "
                              "rank 0 logs 'ARCH probe epoch E: ...' = the KL a fresh ascent, the cached rows, the "
@@ -104,6 +108,10 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         self.adv_lambda = cfg.adv_lambda
         self.adv_kl = str(cfg.adv_kl) if cfg.adv_kl is not None else method.default_kl
         self.adv_probe_sentences = cfg.adv_probe_sentences
+        self.teacher_grad = str(cfg.adv_teacher) == "grad"
+        if self.teacher_grad and not method.detached_teacher:
+            raise ValueError(f"--adv-teacher grad is for the methods with a clean teacher in their KL (r3f, smart, "
+                             f"arch, zero-delta), not --adv-method {method.name}")
         self.precision_flag = "--bf16" if cfg.bf16 else "--fp16" if cfg.fp16 else None
         self.space = PerturbationSpace.from_config(cfg, method.default_init)
         self.ascent = ProjectedAscent(self.space, cfg.adv_steps, AscentScaler(), method.name)
@@ -178,21 +186,23 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
     def teacher(self, lprobs: torch.Tensor, target: torch.Tensor, sample) -> Teacher:
         """The batch's detached clean prediction, real target rows only (N x V float32).
         The real-token count is fairseq's ``ntokens`` (no sync) unless a prefix is cut."""
-        return Teacher(lprobs, target.ne(self.padding_idx), sample.get("ntokens") if self.ignore_prefix_size == 0 else None)
+        count = sample.get("ntokens") if self.ignore_prefix_size == 0 else None
+        return Teacher(lprobs, target.ne(self.padding_idx), count, keep_graph=self.teacher_grad)
 
-    def divergence(self, model, net_output, sample, teacher: Teacher) -> torch.Tensor:
+    def divergence(self, model, net_output, sample, teacher: Teacher, through_teacher: bool = False) -> torch.Tensor:
         """``--adv-kl`` divergence of a perturbed forward's output from the teacher, summed
         over real target tokens: from the logits where the model's log-probs are a plain
         log-softmax of them (no vocabulary-sized temporaries kept for the backward), else
-        from the model's own log-probs (adaptive softmax, a decoder of its own)."""
+        from the model's own log-probs (adaptive softmax, a decoder of its own);
+        ``through_teacher``: the gradient flows into the teacher too (--adv-teacher grad)."""
         key = id(model)
         if key not in self._log_softmax_models:
             self._log_softmax_models[key] = log_probs_are_log_softmax(model, net_output)
         if self._log_softmax_models[key]:
             logits = net_output[0][:, self.ignore_prefix_size:, :]  # cut as get_lprobs_and_target cuts
-            return teacher.divergence(logits, self.adv_kl, logits=True)
+            return teacher.divergence(logits, self.adv_kl, logits=True, through_teacher=through_teacher)
         student, _ = self.lprobs_fp32(model, net_output, sample)
-        return teacher.divergence(student, self.adv_kl)
+        return teacher.divergence(student, self.adv_kl, through_teacher=through_teacher)
 
     def fresh_perturbation(self, core, sample, teacher: Teacher, masks, key: int, sides=None, counts=None):
         """A fresh ascent on the batch (the unwrapped ``core``), from the seeded start ``key``,

@@ -14,6 +14,8 @@ its tests; the criterion's ``--adv-method`` choices come from :func:`method_name
     freelb  mean of the CE at S+1 ascent points                S+1, S+1
     arch    smart on refresh epochs, the cache otherwise       S+2, S+1 / 2, 1
     rdrop   R-Drop: two dropout passes, symmetric KL           2, 1
+    zero-delta  the KL step with delta = 0 (dropout consistency)  2, 1
+    arch-rdrop  R-Drop with ARCH's delta on the second pass   S+2, S+1 / 2, 1
 
 (every model call is a forward; every gradient computation is a backward: each
 ``torch.autograd.grad`` of an ascent step plus the trainer's ``loss.backward()``).
@@ -48,4 +50,4 @@ def method_class(name: str) -> Type[Method]:
 
 
 # registered in the order of --adv-method's choices
-from . import none, r3f, smart, freelb, arch, rdrop  # noqa: E402,F401
+from . import none, r3f, smart, freelb, arch, rdrop, zero_delta, arch_rdrop  # noqa: E402,F401

@@ -3,7 +3,39 @@
 before ``--arch-first-refresh-epoch``. The cache is the task's (``arch_translation``)."""
 
 from . import register_method
-from .kl_regularised import KLRegularised
+from .kl_regularised import KLRegularised, fresh_ascent
+
+
+def check_arch_task(cfg, task) -> None:
+    if not hasattr(task, "arch_cache"):
+        raise ValueError(
+            f"--adv-method {cfg.adv_method} needs ARCH's cache: use --task arch_translation "
+            f"(got --task {type(task).__name__}); none, r3f, smart, freelb, rdrop and zero-delta run with any "
+            "translation task")
+
+
+def cache_is_off(criterion) -> bool:
+    """Before --arch-first-refresh-epoch: no cache yet, plain CE."""
+    cache = criterion.task.arch_cache
+    return cache is not None and cache.mode == "off"
+
+
+def arch_perturbation(criterion, core, sample, masks, teacher, result):
+    """ARCH's delta of every perturbed side: on refresh epochs a fresh ascent (None when
+    not finite), stored in the cache (trained on as stored); on reuse epochs the cached
+    rows, or the rows rebuilt from neighbours."""
+    cache, space, ids = criterion.task.arch_cache, criterion.space, sample["id"]
+    assert cache is not None and cache.mode in ("refresh", "reuse"), "arch cache not started (begin_epoch not called?)"
+    if cache.mode == "refresh":
+        fresh = fresh_ascent(criterion, core, sample, masks, teacher, cache.epoch, result)
+        if fresh is None:
+            return None
+        result.fresh = ids.numel()
+        return {s: cache.access.store_fresh(ids, s, fresh[s], masks[s], space.project) for s in space.sides}
+    delta = {}
+    for s in space.sides:
+        delta[s], result.cached, result.rebuilt = cache.access.read(ids, s, masks[s], space.project)
+    return delta
 
 
 @register_method("arch")
@@ -17,29 +49,10 @@ class ARCH(KLRegularised):
 
     @classmethod
     def check_config(cls, cfg, task) -> None:
-        if not hasattr(task, "arch_cache"):
-            raise ValueError(
-                "--adv-method arch (the default) needs its cache: use --task arch_translation "
-                f"(got --task {type(task).__name__}); none, r3f, smart, freelb and rdrop run with any translation task")
-
-    @property
-    def cache(self):
-        return self.criterion.task.arch_cache
+        check_arch_task(cfg, task)
 
     def is_plain(self) -> bool:
-        cache = self.cache
-        return super().is_plain() or (cache is not None and cache.mode == "off")
+        return super().is_plain() or cache_is_off(self.criterion)
 
     def perturbation(self, core, sample, masks, teacher, result):
-        cache, space, ids = self.cache, self.criterion.space, sample["id"]
-        assert cache is not None and cache.mode in ("refresh", "reuse"), "arch cache not started (begin_epoch not called?)"
-        if cache.mode == "refresh":
-            fresh = self.fresh(core, sample, masks, teacher, cache.epoch, result)
-            if fresh is None:
-                return None
-            result.fresh = ids.numel()
-            return {s: cache.access.store_fresh(ids, s, fresh[s], masks[s], space.project) for s in space.sides}
-        delta = {}
-        for s in space.sides:
-            delta[s], result.cached, result.rebuilt = cache.access.read(ids, s, masks[s], space.project)
-        return delta
+        return arch_perturbation(self.criterion, core, sample, masks, teacher, result)

@@ -66,6 +66,8 @@ class Method:
 
     def __init__(self, criterion):
         self.criterion = criterion
+        # --adv-teacher grad: the gradient flows through the clean branch too (no early backward)
+        self.detached_teacher = type(self).detached_teacher and not criterion.teacher_grad
         self.batches_seen = 0  # regularised training batches: seeds noise without an epoch
 
     def is_plain(self) -> bool:

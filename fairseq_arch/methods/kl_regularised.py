@@ -33,6 +33,20 @@ class AscentObjective:
         return self.criterion.divergence(self.core, out, self.sample, self.teacher)
 
 
+def fresh_ascent(criterion, core, sample, masks, teacher, key: int, result: StepResult):
+    """A fresh ascent from the seeded start ``key`` (its passes counted in ``result``);
+    None when it is not finite."""
+    counts = {"fwd": 0, "bwd": 0}
+    try:
+        return criterion.ascent.run(core, sample, masks, key, AscentObjective(criterion, core, sample, teacher, counts),
+                                    counts)
+    except FloatingPointError:
+        return None
+    finally:
+        result.fwd += counts["fwd"]
+        result.bwd += counts["bwd"]
+
+
 class KLRegularised(Method):
     detached_teacher = True
 
@@ -42,16 +56,7 @@ class KLRegularised(Method):
         raise NotImplementedError
 
     def fresh(self, core, sample, masks, teacher, key: int, result: StepResult) -> Optional[Dict[str, torch.Tensor]]:
-        """A fresh ascent from the seeded start ``key``; None when it is not finite."""
-        counts = {"fwd": 0, "bwd": 0}
-        try:
-            return self.criterion.ascent.run(core, sample, masks, key,
-                                             AscentObjective(self.criterion, core, sample, teacher, counts), counts)
-        except FloatingPointError:
-            return None
-        finally:
-            result.fwd += counts["fwd"]
-            result.bwd += counts["bwd"]
+        return fresh_ascent(self.criterion, core, sample, masks, teacher, key, result)
 
     def step(self, model, sample) -> StepResult:
         crit = self.criterion
@@ -85,7 +90,7 @@ class KLRegularised(Method):
         if not skip:
             adv_output = crit.perturbed_forward(model, net_input, delta)
             result.fwd += 1
-            reg = crit.divergence(model, adv_output, sample, teacher)
+            reg = crit.divergence(model, adv_output, sample, teacher, through_teacher=crit.teacher_grad)
             del adv_output
             result.reg, skip = finite_or_skipped(reg, loss)
         result.skipped = int(skip)

@@ -1,0 +1,56 @@
+"""``arch-rdrop``: R-Drop's objective with ARCH's cached adversarial delta on its second
+branch: ``(LS(p1) + LS(p2)) / 2 + lambda / 2 * symKL(p1, p2)``, p1 = f(x), p2 = f(x + delta),
+both under dropout, gradients through both (the scale convention of ``rdrop.py``). delta
+is ARCH's (``arch.py``): a fresh ascent on refresh epochs (from p1, detached), stored in
+the cache; the cached or neighbour-rebuilt rows on reuse epochs. So a reuse epoch costs
+what R-Drop costs (2 forwards, one backward through both), a refresh epoch adds the ascent."""
+
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from ..injection import unwrap_model
+from ..perturbation import divergence
+from . import register_method
+from .arch import arch_perturbation, cache_is_off, check_arch_task
+from .base import Method, StepResult, finite_or_skipped, padding_masks
+
+
+@register_method("arch-rdrop")
+class ARCHRDrop(Method):
+    runs_ascent = True
+    needs_cache = True
+    counts = ((2, 1), (1, 1))
+    reuse_counts = ((2, 0), (1, 0))
+    default_kl = "symmetric"
+
+    @classmethod
+    def check_config(cls, cfg, task) -> None:
+        check_arch_task(cfg, task)
+
+    def is_plain(self) -> bool:
+        return super().is_plain() or cache_is_off(self.criterion)
+
+    def step(self, model, sample) -> StepResult:
+        crit = self.criterion
+        net_input = sample["net_input"]
+        core = unwrap_model(model)
+        masks = padding_masks(net_input, crit.padding_idx)
+        out1 = model(**net_input)
+        lp1, target = crit.get_lprobs_and_target(model, out1, sample)
+        ls1, nll1 = label_smoothed_nll_loss(lp1, target, crit.eps, ignore_index=crit.padding_idx, reduce=True)
+        result = StepResult(ls1, ls1, nll1, ls1.new_zeros(()), net_output=out1, fwd=1)
+        teacher = crit.teacher(lp1, target, sample)  # detached: the ascent's objective only
+        delta = crit.space.zeros(core, masks) if crit.dummy_batch else \
+            arch_perturbation(crit, core, sample, masks, teacher, result)
+        if delta is None:  # a non-finite ascent: this batch trains on the first branch's CE
+            result.skipped, result.bwd = 1, result.bwd + 1
+            return result
+        out2 = crit.perturbed_forward(model, net_input, delta)
+        lp2, _ = crit.get_lprobs_and_target(model, out2, sample)
+        ls2, nll2 = label_smoothed_nll_loss(lp2, target, crit.eps, ignore_index=crit.padding_idx, reduce=True)
+        reg = divergence(lp1.float(), lp2.float(), target.ne(crit.padding_idx), crit.adv_kl)
+        loss, nll_loss = (ls1 + ls2) / 2, (nll1 + nll2) / 2
+        reg, skipped = finite_or_skipped(reg, loss)
+        result.total = loss + 0.5 * crit.adv_lambda * reg.to(loss.dtype)
+        result.ls_loss, result.nll_loss, result.reg, result.delta = loss, nll_loss, reg, delta
+        result.fwd, result.bwd, result.skipped = result.fwd + 1, result.bwd + 1, int(skipped)
+        return result
