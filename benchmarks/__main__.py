@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--checkpoint", help="probe: a checkpoint of an ARCH run")
     ap.add_argument("--data", help="probe: its data-bin directory")
     ap.add_argument("--cache-dir", help="probe: its cache dir (default: the run's, or <checkpoint dir>/arch_cache)")
+    ap.add_argument("--suite", default="quality_v2",
+                    help="quality: results folder under --out (and scratch under --work): quality_v2 (issue 10), "
+                         "quality_v3 (issue 19)")
     ap.add_argument("--train-pairs", type=int, default=QUALITY_PAIRS, help="quality: Multi30k training pairs")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)

@@ -7,7 +7,7 @@ greedy, on the first ``--valid-sentences`` sentences of Multi30k val) then fairs
 (:data:`VARIANTS`, or ``--variant NAME='flags'``). Runs with the same seed share the
 initialisation and the batch order, so differences between variants are paired by seed.
 
-Resumable at two levels: a finished run is a small JSON under ``<out>/quality_v2/``
+Resumable at two levels: a finished run is a small JSON under ``<out>/<suite>/`` (``--suite``: quality_v2, quality_v3)
 (committed with the results: the benchmark reuses it even when the scratch ``--work`` folder is
 gone); an interrupted run continues from its ``checkpoint_last.pt`` (and its ARCH cache) in
 ``--work``. The report (``quality.md|json``) is rewritten after every run.
@@ -63,8 +63,22 @@ VARIANTS = {
     "r3f": ["--adv-method", "r3f"],
     "smart": ["--adv-method", "smart"],
     "rdrop": ["--adv-method", "rdrop", "--adv-lambda", str(RDROP_ALPHA)],
+    # issue 19's controls and hybrid (v3)
+    "zero-delta": ["--adv-method", "zero-delta", "--adv-kl", "symmetric"],
+    "arch-rdrop": ["--adv-method", "arch-rdrop", "--arch-refresh-interval", "{tc}", "--adv-lambda", str(RDROP_ALPHA)],
 }
+# issue 19's weight grid, chosen on validation BLEU with 2 seeds per point: {1, 2.5, 5} for
+# arch (lambda; 1 is `arch`), rdrop and arch-rdrop (alpha; 5 is `rdrop`, `arch-rdrop`)
+WEIGHT_GRID = (1.0, 2.5, 5.0)
+for _base, _default in (("arch", 1.0), ("rdrop", RDROP_ALPHA), ("arch-rdrop", RDROP_ALPHA)):
+    for _w in WEIGHT_GRID:
+        if _w != _default:
+            VARIANTS[f"{_base}-w{_w:g}"] = [f for f in VARIANTS[_base] if f not in ("--adv-lambda", str(RDROP_ALPHA))] \
+                + ["--adv-lambda", str(_w)]
 GOAL_ARCH = "arch"  # the variant the goals are about
+# the results folder under --out (and the scratch folder under --work): one per benchmark
+# version, so that a new version never overwrites the runs another one reports
+SUITE = "quality_v2"
 # hypotheses at most 1.2 x source + 10 tokens (fairseq's WMT examples; default 200): bounds the
 # decoding time of a model that has not learnt to stop yet (first epochs, the test's tiny runs)
 MAX_LEN = (1.2, 10)
@@ -135,7 +149,7 @@ def variant_flags(name: str, cfg: dict, extra: dict) -> list:
 def save_dir(work: str, name: str, seed: int, cfg: dict, flags: list) -> str:
     """A run's scratch folder, keyed by configuration and flags: an interrupted run resumes only
     into the same run."""
-    return os.path.join(work, "quality_v2", config_key(cfg), f"{name}-s{seed}-{config_key({'flags': flags})}")
+    return os.path.join(work, SUITE, config_key(cfg), f"{name}-s{seed}-{config_key({'flags': flags})}")
 
 
 def resolve_flags(flags: list, work: str, seed: int, cfg: dict) -> list:
@@ -299,7 +313,7 @@ def paired(a: dict, b: dict) -> dict:
 # -- one run ------------------------------------------------------------------------------
 
 def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, cfg: dict) -> dict:
-    """Train + test one (variant, seed); the result JSON in <out>/quality_v2 is the record."""
+    """Train + test one (variant, seed); the result JSON in <out>/<SUITE> is the record."""
     save = save_dir(work, name, seed, cfg, flags)
     train = train_cmd(data, save, resolve_flags(flags, work, seed, cfg), seed, cfg)
     os.makedirs(save, exist_ok=True)
@@ -343,7 +357,7 @@ def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, c
 
 
 def run_path(out: str, name: str, seed: int) -> str:
-    return os.path.join(out, "quality_v2", f"{name}-s{seed}.json")
+    return os.path.join(out, SUITE, f"{name}-s{seed}.json")
 
 
 def write_run(out: str, result: dict) -> None:
@@ -396,7 +410,7 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
     by = {v: {r["seed"]: r for r in results if r["variant"] == v} for v in order}
     test = {v: {s: r["test_sacrebleu"] for s, r in rs.items()} for v, rs in by.items()}
 
-    lines = [f"### Quality at equal epochs v2 (Multi30k De-En, first {cfg['pairs']} training pairs, words seen < 3 "
+    lines = [f"### Quality at equal epochs {SUITE.rpartition('_')[2]} (Multi30k De-En, first {cfg['pairs']} training pairs, words seen < 3 "
              f"times -> <unk>; {MODEL_TEXT}, dropout {cfg['dropout']}; Adam lr {cfg['lr']}, inverse_sqrt, warmup "
              f"{cfg['warmup']}, max-tokens {cfg['max_tokens']}; {cfg['epochs']} epochs for every method, same batches "
              f"per seed; ARCH Tc={cfg['tc']})", "",
@@ -510,7 +524,7 @@ def calibration_text(c: dict) -> str:
 
 
 def load_calibration(out: str):
-    path = os.path.join(out, "quality_v2", "calibration.json")
+    path = os.path.join(out, SUITE, "calibration.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
@@ -571,7 +585,7 @@ def calibration_record(per_epoch: list, what: str, cfg: dict) -> dict:
 def calibrate(args, cfg, data):
     """none, first seed, up to --epochs with --patience 8: where validation BLEU peaks."""
     seed = int(args.seeds.split(",")[0])
-    save = os.path.join(args.work, "quality_v2", "calibration-" + config_key(cfg), f"none-s{seed}")
+    save = os.path.join(args.work, SUITE, "calibration-" + config_key(cfg), f"none-s{seed}")
     os.makedirs(save, exist_ok=True)
     log = os.path.join(save, "train.log")
     resumed = os.path.exists(os.path.join(save, "checkpoint_last.pt"))
@@ -582,7 +596,7 @@ def calibrate(args, cfg, data):
         raise subprocess.CalledProcessError(rc, cmd)
     rec = calibration_record(parse_log(log), f"python -m benchmarks quality --calibrate, seed {seed}, "
                                              f"up to {cfg['epochs']} epochs, --patience 8", cfg)
-    path = os.path.join(args.out, "quality_v2", "calibration.json")
+    path = os.path.join(args.out, SUITE, "calibration.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
@@ -590,6 +604,8 @@ def calibrate(args, cfg, data):
 
 
 def main(args):
+    global SUITE
+    SUITE = getattr(args, "suite", None) or SUITE
     cfg = config_of(args)
     extra = extra_variants(getattr(args, "variant", None))
     plan = plan_of(args)
