@@ -65,6 +65,10 @@ VARIANTS = {
     "rdrop": ["--adv-method", "rdrop", "--adv-lambda", str(RDROP_ALPHA)],
     # issue 19's controls and hybrid (v3)
     "zero-delta": ["--adv-method", "zero-delta", "--adv-kl", "symmetric"],
+    # the official code's computation (--arch-recipe code: its eps 0.3, S 2, inner step 1e-4,
+    # symmetric KL, refreshes in epochs 1, Tc, 2Tc)
+    "arch-code": ["--adv-method", "arch", "--arch-recipe", "code", "--arch-cache-dtype", "float32",
+                  "--arch-refresh-interval", "{tc}"],
     "arch-rdrop": ["--adv-method", "arch-rdrop", "--arch-refresh-interval", "{tc}", "--adv-lambda", str(RDROP_ALPHA)],
 }
 # issue 19's weight grid, chosen on validation BLEU with 2 seeds per point: {1, 2.5, 5} for

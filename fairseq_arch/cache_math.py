@@ -22,16 +22,23 @@ REBUILD_NORMS = ("paper", "neighbor", "eps")
 _TINY = 1e-12
 
 
-def is_refresh_epoch(epoch: int, interval: int, first: int = 1) -> bool:
+SCHEDULES = ("text", "code")
+
+
+def is_refresh_epoch(epoch: int, interval: int, first: int = 1, schedule: str = "text") -> bool:
     """True on the epochs that compute fresh perturbations (1-based epochs).
 
-    Epoch ``first`` (E, default 1: the paper's t = 0) is always a refresh; then
-    E + Tc, E + 2 Tc, ...; ``interval == 0`` means "compute once, never refresh"
-    (the paper's Tc = inf). Epochs before E are not ARCH epochs at all.
+    ``text`` (the paper): epoch ``first`` (E, default 1: the paper's t = 0) is always a
+    refresh; then E + Tc, E + 2 Tc, ...; ``interval == 0`` means "compute once, never
+    refresh" (the paper's Tc = inf). Epochs before E are not ARCH epochs at all.
+    ``code`` (the official code, E = 1 only): epoch 1, then Tc, 2 Tc, ...
     """
     assert epoch >= 1, f"fairseq epochs start at 1, got {epoch}"
     assert interval >= 0, f"refresh interval must be >= 0, got {interval}"
     assert first >= 1, f"the first refresh epoch must be >= 1, got {first}"
+    assert schedule in SCHEDULES and (schedule == "text" or first == 1), (schedule, first)
+    if schedule == "code":
+        return epoch == 1 or (interval > 0 and epoch % interval == 0)
     if epoch < first:
         return False
     if interval == 0:
@@ -39,10 +46,12 @@ def is_refresh_epoch(epoch: int, interval: int, first: int = 1) -> bool:
     return (epoch - first) % interval == 0
 
 
-def last_refresh_epoch(epoch: int, interval: int, first: int = 1) -> Optional[int]:
+def last_refresh_epoch(epoch: int, interval: int, first: int = 1, schedule: str = "text") -> Optional[int]:
     """The refresh epoch whose perturbations epoch ``epoch`` reads (itself on refresh
     epochs); None before the first refresh epoch (nothing to read)."""
     assert epoch >= 1 and interval >= 0 and first >= 1
+    if schedule == "code":
+        return 1 if interval == 0 or epoch < interval else epoch - epoch % interval
     if epoch < first:
         return None
     if interval == 0:
@@ -50,13 +59,13 @@ def last_refresh_epoch(epoch: int, interval: int, first: int = 1) -> Optional[in
     return first + ((epoch - first) // interval) * interval
 
 
-def epoch_mode(epoch: int, interval: int, first: int = 1) -> str:
+def epoch_mode(epoch: int, interval: int, first: int = 1, schedule: str = "text") -> str:
     """What the criterion does in ``epoch``: ``"off"`` (before the first refresh epoch:
     plain label-smoothed CE), ``"refresh"`` (fresh ascent, written to the cache) or
     ``"reuse"`` (cache reads and neighbour rebuilds only)."""
     if epoch < first:
         return "off"
-    return "refresh" if is_refresh_epoch(epoch, interval, first) else "reuse"
+    return "refresh" if is_refresh_epoch(epoch, interval, first, schedule) else "reuse"
 
 
 def ema_update(cached: Optional[torch.Tensor], fresh: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -75,17 +75,16 @@ def code_rebuilt_vector(neighbor_rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum(r.sum(0, keepdim=True) / r.size(0) for r in neighbor_rows) / len(neighbor_rows)
 
 
-def code_reuse_delta(rows, vectors, lengths, left_pad: bool, length: int, eps: float) -> torch.Tensor:
-    """A reuse batch's delta (B x T x C): sentence b's cached displacement ``rows[b]`` (len x C)
-    on its real positions, or, where ``rows[b]`` is None, ``vectors[b]`` (1 x C) on every
-    position; capped. ``left_pad``: the real tokens are the last ``lengths[b]`` positions."""
+def code_reuse_delta(rows, vectors, mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """A reuse batch's delta (B x T x C on ``mask``'s device): sentence b's cached
+    displacement ``rows[b]`` (len x C) on its real positions (``mask[b]``), or, where
+    ``rows[b]`` is None, ``vectors[b]`` (1 x C) on every position, padding included; capped."""
+    batch, length = mask.shape
     dim = next(r.size(-1) for r in list(rows) + list(vectors) if r is not None)
-    out = torch.zeros(len(lengths), length, dim)
-    for b, n in enumerate(lengths):
+    out = torch.zeros(batch, length, dim, device=mask.device)
+    for b in range(batch):
         if rows[b] is None:
-            out[b] = vectors[b].expand(length, dim)
-        elif left_pad:
-            out[b, length - n:] = rows[b]
+            out[b] = vectors[b].to(out.device).expand(length, dim)
         else:
-            out[b, :n] = rows[b]
+            out[b, mask[b]] = rows[b].to(out.device)
     return cap(out, eps)

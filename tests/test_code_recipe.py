@@ -8,7 +8,7 @@ import torch
 
 from fairseq_arch import code_recipe as R
 
-pytestmark = pytest.mark.fast
+
 EPS, LR, ALPHA = 0.3, 0.05, 0.01
 
 
@@ -108,7 +108,8 @@ def test_refresh_reuse_refresh_against_the_reference():
     # epoch 2 (reuse): the cached sentence its capped displacement, the other its neighbour's
     # token mean on every position (padding included), capped
     vec = R.code_rebuilt_vector([stored])
-    reuse = R.code_reuse_delta([stored, None], [None, vec], lengths, left_pad=False, length=T, eps=EPS)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    reuse = R.code_reuse_delta([stored, None], [None, vec], mask, eps=EPS)
     ref_reuse = np.zeros((2, T, C), dtype=np.float32)
     ref_reuse[0, :3] = ref_stored
     ref_reuse[1, :] = ref_stored.sum(0) / 3
@@ -136,5 +137,106 @@ def test_refresh_reuse_refresh_against_the_reference():
 
 def test_left_padded_rows_go_to_their_own_tokens():
     rows = torch.arange(8.0).view(2, 4)
-    out = R.code_reuse_delta([rows], [None], [2], left_pad=True, length=3, eps=100.0)
+    out = R.code_reuse_delta([rows], [None], torch.tensor([[False, True, True]]), eps=100.0)
     assert torch.equal(out[0, 0], torch.zeros(4)) and torch.equal(out[0, 1:], rows)
+
+
+# -- through the criterion and the cache (--arch-recipe code) ------------------------------
+
+CODE = ["--adv-method", "arch", "--arch-recipe", "code", "--arch-cache-dtype", "float32",
+        "--arch-refresh-interval", "3", "--arch-cache-fraction", "0.5", "--dropout", "0.1"]
+
+
+def _code_run(small_toy, tmp_path, monkeypatch):
+    from . import utils
+
+    _, task, model, crit = utils.build_components(small_toy, CODE, save_dir=str(tmp_path))
+    seen = utils.record_deltas(crit, monkeypatch, with_masks=True)
+    model.train()
+    batches = utils.batches(task)
+    return task, model, crit, seen, batches
+
+
+def test_code_recipe_defaults_schedule_and_refusals(small_toy, tmp_path):
+    from . import utils
+
+    _, task, model, crit = utils.build_components(small_toy, CODE, save_dir=str(tmp_path / "a"))
+    assert (crit.space.eps, crit.ascent.steps, crit.space.step_size, crit.adv_kl) == (0.3, 2, 1e-4, "symmetric")
+    modes = []
+    for epoch in range(1, 7):
+        task.begin_epoch(epoch, model)
+        modes.append(task.arch_cache.mode)
+        model.train()
+        for b in utils.batches(task):
+            crit(model, b)
+    assert modes == ["refresh", "reuse", "refresh", "reuse", "reuse", "refresh"]
+    _, _, _, smart = utils.build_components(small_toy, CODE[:1] + ["smart"] + CODE[2:], save_dir=str(tmp_path / "s"))
+    assert smart.space.eps == 0.1, "the code recipe's defaults are ARCH's, not another method's"
+    with pytest.raises(ValueError, match="float16"):
+        utils.build_components(small_toy, CODE + ["--arch-cache-dtype", "float16"], save_dir=str(tmp_path / "b"))
+
+
+def test_code_recipe_trains_on_what_the_code_computes(small_toy, tmp_path, monkeypatch):
+    """Epoch 1 (refresh): a non-negative start of norm eps over the padded sentence; the
+    cache keeps final - start on the real tokens. Epoch 2 (reuse): cached displacements and
+    neighbour vectors on every position, capped. Epoch 3 (refresh): the cached value is
+    the code's EMA of the new displacement and the previous one."""
+    task, model, crit, seen, batches = _code_run(small_toy, tmp_path, monkeypatch)
+    eps, steps, alpha = crit.space.eps, crit.ascent.steps, task.cfg.arch_ema
+    b = batches[0]
+    ids = b["id"].tolist()
+
+    def run_epoch(epoch):
+        task.begin_epoch(epoch, model)
+        model.train()
+        out = []
+        for batch in batches:
+            seen.clear()
+            crit(model, batch)
+            out.append(list(seen))
+        return out
+
+    e1 = run_epoch(1)[0]  # batch 0: S ascent forwards, then the trained delta
+    assert len(e1) == steps + 1
+    for side, (init, _) in e1[0].items():
+        assert (init >= 0).all() and torch.allclose(init.flatten(1).norm(dim=1), torch.full((len(ids),), eps), rtol=1e-5)
+    e2 = run_epoch(2)[0]  # finalises epoch 1's generation, then reuse
+    reader = task.arch_cache.open_reader()
+    pos = reader.store.pos_of[ids]
+    for side in crit.sides:
+        init, mask = e1[0][side]
+        trained1 = e1[-1][side][0]
+        used2 = e2[-1][side][0]
+        rows = reader.read_rows(side, pos[pos >= 0])
+        j = 0
+        for i in range(len(ids)):
+            if pos[i] >= 0:
+                disp = (trained1[i] - init[i])[mask[i]]
+                assert torch.allclose(torch.from_numpy(rows[j]), disp, atol=1e-7), (side, i)
+                placed = torch.zeros_like(used2[i])
+                placed[mask[i]] = disp
+                assert torch.allclose(used2[i], R.cap(placed[None], eps)[0], atol=1e-7)
+                j += 1
+            else:
+                nbr = reader.neighbors[side][ids[i]]
+                vec = torch.from_numpy(np.asarray(reader.means[side][nbr], dtype=np.float32)).mean(0)
+                want = R.cap(vec.expand_as(used2[i])[None].clone(), eps)[0]
+                assert torch.allclose(used2[i], want, atol=1e-7), (side, i)
+                if not mask[i].all():
+                    assert used2[i][~mask[i]].abs().sum() > 0, "a rebuilt vector covers the padding too"
+    prev = {s: reader.read_rows(s, pos[pos >= 0]) for s in crit.sides}
+    e3 = run_epoch(3)[0]
+    writer = task.arch_cache.access
+    for side in crit.sides:
+        init3, mask = e3[0][side]
+        trained3 = e3[-1][side][0]
+        new = writer.store.read_rows(writer.generation, side, pos[pos >= 0])
+        j = 0
+        for i in range(len(ids)):
+            if pos[i] < 0:
+                continue
+            value = torch.from_numpy(new[j])
+            final = trained3[i][mask[i]] - value  # trained = final + value
+            d = final - init3[i][mask[i]]
+            assert torch.allclose(value, d * (1 - alpha) + torch.from_numpy(prev[side][j]) * alpha, atol=1e-6)
+            j += 1

@@ -53,7 +53,7 @@ class ReuseReader:
         self.means = {s: store.load_array(generation, s, "means") for s in store.sides}
         self.neighbors = neighbors
         self.sizes = sizer.load_sizes(store, generation)
-        self._positions = _BatchPositions(store.pos_of)
+        self.positions = _BatchPositions(store.pos_of)
 
     @property
     def rebuild_norm(self) -> str:
@@ -97,7 +97,7 @@ class ReuseReader:
         the device in pinned, non-blocking copies, where the rows are expanded: the host
         never builds the rebuilt sentences' token rows (most of the batch; on a GPU that
         would make the read ~10% of a reuse update)."""
-        ids, pos = self._positions(sample_ids)
+        ids, pos = self.positions(sample_ids)
         lengths = self.store.lengths_all[side][ids]  # real tokens per sample, from the data
         cached = pos >= 0
         cached_b, other_b = np.nonzero(cached)[0], np.nonzero(~cached)[0]
@@ -126,7 +126,7 @@ class RefreshWriter:
         self.ema = ema
         self.epoch = epoch
         self.stored_dtype = torch.float16 if store.dtype == np.float16 else torch.float32
-        self._positions = _BatchPositions(store.pos_of)
+        self.positions = _BatchPositions(store.pos_of)
 
     def store_fresh(self, sample_ids, side: str, fresh: torch.Tensor, mask: torch.Tensor,
                     project: ProjectFn) -> torch.Tensor:
@@ -135,7 +135,7 @@ class RefreshWriter:
         the cache value for cached sentences (so refresh and reuse epochs apply the same
         numbers), the fresh one for the others. Device traffic: one pinned copy of the
         previous rows in, one copy of the new out."""
-        ids, pos = self._positions(sample_ids)
+        ids, pos = self.positions(sample_ids)
         cached_b = np.nonzero(pos >= 0)[0]
         if len(cached_b) == 0:
             return fresh

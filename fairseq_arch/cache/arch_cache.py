@@ -27,6 +27,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import cache_math
 from ..distributed import all_gather_object, dist_info, on_rank0
 from .access import RefreshWriter, ReuseReader
 from .epoch_search import EpochSearch, summarize
@@ -62,7 +63,8 @@ class ArchCache:
         first_refresh_epoch: int = 1,
         rebuild_norm: str = "paper",
         neighbor_search: str = "refresh",
-        ball: Tuple[float, str, str] = (0.1, "l2", "sentence"),
+        ball: Tuple[float, str, str],
+        schedule: str = "text",
     ):
         self.cache_dir = cache_dir
         self.dataset = dataset
@@ -77,6 +79,8 @@ class ArchCache:
         self.seed = seed
         self.sides = list(sides)
         self.first_refresh_epoch = int(first_refresh_epoch)
+        assert schedule in cache_math.SCHEDULES, schedule
+        self.schedule = schedule  # --arch-recipe: the paper's refresh epochs or the official code's
         # the criterion's ball (--adv-eps, --adv-norm, --adv-granularity): the measure in
         # which rebuilt sentences are rescaled and cached sentences' sizes stored
         self.sizer = RebuildSizer(rebuild_norm, ball)
@@ -128,7 +132,7 @@ class ArchCache:
                                      fixed_embeddings=self.fixed_embeddings, seed=self.seed)
         self.lifecycle = GenerationLifecycle(store, RefreshFinalizer(store, self.search, self.sizer),
                                              EpochSearch(store, self.search, self.neighbor_search),
-                                             self.refresh_interval, self.first_refresh_epoch)
+                                             self.refresh_interval, self.first_refresh_epoch, self.schedule)
         logger.info(
             f"ARCH cache {self.cache_dir}: {store.num_cached} of {store.n_sentences} sentences cached "
             f"(p={self.fraction}), "

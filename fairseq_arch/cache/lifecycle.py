@@ -28,7 +28,8 @@ AHEAD = ("the cache is ahead of the checkpoint (resumed from an older checkpoint
          "from this run's newest checkpoint_last.pt, or start a new cache dir")
 
 
-def check_epoch(cache_dir: str, epoch: int, mode: str, cur: Optional[dict], interval: int, first: int) -> None:
+def check_epoch(cache_dir: str, epoch: int, mode: str, cur: Optional[dict], interval: int, first: int,
+                schedule: str = "text") -> None:
     """Refuse a cache whose current generation (``cur``) cannot be this epoch's."""
     if mode == "off":
         # before --arch-first-refresh-epoch nothing is cached yet: a complete generation
@@ -43,7 +44,7 @@ def check_epoch(cache_dir: str, epoch: int, mode: str, cur: Optional[dict], inte
                 f"{cache_dir} already holds the perturbations refreshed in epoch {cur['epoch']}, but "
                 f"training is at epoch {epoch}: {AHEAD}")
     else:
-        want = cache_math.last_refresh_epoch(epoch, interval, first)
+        want = cache_math.last_refresh_epoch(epoch, interval, first, schedule)
         if cur is None or cur["epoch"] != want:
             raise CacheMismatchError(
                 f"epoch {epoch} reuses the perturbations of epoch {want}, but {cache_dir} holds "
@@ -54,14 +55,15 @@ def check_epoch(cache_dir: str, epoch: int, mode: str, cur: Optional[dict], inte
 
 class GenerationLifecycle:
     def __init__(self, store: PerturbationCacheStore, finalizer: RefreshFinalizer, epoch_search: EpochSearch,
-                 refresh_interval: int, first_refresh_epoch: int):
+                 refresh_interval: int, first_refresh_epoch: int, schedule: str = "text"):
         self.store, self.finalizer, self.epoch_search = store, finalizer, epoch_search
         self.refresh_interval = refresh_interval
         self.first_refresh_epoch = first_refresh_epoch
+        self.schedule = schedule  # cache_math.SCHEDULES: the paper's refresh epochs, or the official code's
         self.verified = False  # the current generation's checksums, once per process
 
     def mode(self, epoch: int) -> str:
-        return cache_math.epoch_mode(epoch, self.refresh_interval, self.first_refresh_epoch)
+        return cache_math.epoch_mode(epoch, self.refresh_interval, self.first_refresh_epoch, self.schedule)
 
     def advance(self, epoch: int, model) -> Tuple[dict, Optional[dict]]:
         """Rank 0: returns (the new state, the epoch search's info or None)."""
@@ -76,7 +78,7 @@ class GenerationLifecycle:
         if not self.verified and cur is not None:
             store.verify_generation(cur["name"])  # a resumed run reads it
             self.verified = True
-        check_epoch(store.dir, epoch, mode, cur, self.refresh_interval, self.first_refresh_epoch)
+        check_epoch(store.dir, epoch, mode, cur, self.refresh_interval, self.first_refresh_epoch, self.schedule)
         if ip is not None and ip["epoch"] > epoch:
             logger.warning(f"ARCH cache: dropping the unfinished generation of epoch {ip['epoch']}")
             state["in_progress"] = None

@@ -22,8 +22,9 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
-from omegaconf import II
+from omegaconf import II, DictConfig, OmegaConf
 
+from ..code_recipe import CODE_EPS, CODE_STEP_SIZE, CODE_STEPS
 from ..injection import check_applied, perturbed_embeddings
 from ..log_probs import log_probs_are_log_softmax
 from ..methods import method_class, method_names
@@ -43,9 +44,12 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
                                   "(R-Drop's alpha) x symmetric KL, no perturbation)"})
     adv_lambda: float = field(default=1.0, metadata={"help": "lambda: weight of the adversarial regularizer; 0 = plain label "
                                                     "smoothing. rdrop: R-Drop's alpha (their IWSLT'14 De-En setting: 5)"})
-    adv_eps: float = field(default=0.1, metadata={"help": "epsilon: radius of the perturbation ball"})
-    adv_steps: int = field(default=3, metadata={"help": "S: projected gradient ascent steps per fresh perturbation"})
-    adv_step_size: float = field(default=0.1, metadata={"help": "eta: ascent step size (the step is eta * g / ||g||)"})
+    adv_eps: Optional[float] = field(default=None, metadata={"help": "epsilon: radius of the perturbation ball "
+                                                             "(default 0.1; --arch-recipe code: 0.3)"})
+    adv_steps: Optional[int] = field(default=None, metadata={"help": "S: projected gradient ascent steps per fresh "
+                                                             "perturbation (default 3; --arch-recipe code: 2)"})
+    adv_step_size: Optional[float] = field(default=None, metadata={"help": "eta: ascent step size (the step is eta * "
+                                                                   "g / ||g||; default 0.1; --arch-recipe code: 1e-4)"})
     adv_norm: ChoiceEnum(["l2", "linf"]) = field(default="l2", metadata={"help": "norm of the perturbation ball"})
     adv_granularity: ChoiceEnum(["sentence", "word"]) = field(
         default="sentence", metadata={"help": "one ball per sentence (paper) or one per token"})
@@ -59,8 +63,8 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
         default="both", metadata={"help": "which embeddings are perturbed: encoder input, decoder input, or both"})
     adv_kl: Optional[ChoiceEnum(["forward", "symmetric"])] = field(
         default=None, metadata={"help": "forward = KL(f(x) || f(x+delta)) as in the paper; "
-                                "symmetric = (KL(p||q) + KL(q||p)) / 2 (default: symmetric for r3f, "
-                                "forward otherwise)"})
+                                "symmetric = (KL(p||q) + KL(q||p)) / 2 (default: symmetric for r3f, arch-rdrop "
+                                "and --arch-recipe code, forward otherwise)"})
     adv_teacher: ChoiceEnum(["detach", "grad"]) = field(
         default="detach", metadata={"help": "the clean prediction f(x) in the KL of r3f / smart / arch / zero-delta: "
                                     "'detach' = a fixed teacher (the paper, the official code); 'grad' = gradients "
@@ -74,6 +78,26 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
     # the model's precision: an R3F noise below its resolution is rounded away (methods/r3f.py)
     fp16: bool = II("common.fp16")
     bf16: bool = II("common.bf16")
+
+
+# --adv-eps, --adv-steps, --adv-step-size, --adv-kl when unset: the paper's App. B.1, or the
+# official run.sh under --arch-recipe code (fairseq_arch/code_recipe.py)
+RECIPE_DEFAULTS = {"text": {"adv_eps": 0.1, "adv_steps": 3, "adv_step_size": 0.1},
+                   "code": {"adv_eps": CODE_EPS, "adv_steps": CODE_STEPS, "adv_step_size": CODE_STEP_SIZE,
+                            "adv_kl": "symmetric"}}
+
+
+def with_recipe_defaults(cfg, task):
+    """``cfg`` (resolved) with the unset options of RECIPE_DEFAULTS filled for the task's
+    ``--arch-recipe`` (which concerns the methods with ARCH's cache; ``text`` otherwise)."""
+    recipe = str(getattr(getattr(task, "cfg", None), "arch_recipe", "text"))
+    if not method_class(str(cfg.adv_method)).needs_cache:
+        recipe = "text"
+    options = OmegaConf.to_container(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg), resolve=True)
+    for key, value in RECIPE_DEFAULTS[recipe].items():
+        if options.get(key) is None:
+            options[key] = value
+    return OmegaConf.create(options), recipe
 
 
 def validate_adv_config(cfg) -> None:
@@ -95,6 +119,7 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
 
     def __init__(self, cfg: AdversarialLabelSmoothedCrossEntropyCriterionConfig, task):
         super().__init__(task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size, cfg.report_accuracy)
+        cfg, self.recipe = with_recipe_defaults(cfg, task)
         validate_adv_config(cfg)
         method = method_class(str(cfg.adv_method))
         method.check_config(cfg, task)

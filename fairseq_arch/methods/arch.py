@@ -51,8 +51,17 @@ class ARCH(KLRegularised):
     def check_config(cls, cfg, task) -> None:
         check_arch_task(cfg, task)
 
+    def __init__(self, criterion):
+        super().__init__(criterion)
+        if criterion.recipe == "code":  # --arch-recipe code: the official code's computation
+            from .arch_code import CodePerturbation
+
+            self._perturbation = CodePerturbation(criterion)
+        else:
+            self._perturbation = lambda *a: arch_perturbation(criterion, *a)
+
     def is_plain(self) -> bool:
         return super().is_plain() or cache_is_off(self.criterion)
 
     def perturbation(self, core, sample, masks, teacher, result):
-        return arch_perturbation(self.criterion, core, sample, masks, teacher, result)
+        return self._perturbation(core, sample, masks, teacher, result)

@@ -84,6 +84,13 @@ class ArchTranslationConfig(TranslationConfig):
                   "end (the paper); 'epoch' = again at the start of every reuse epoch from the current "
                   "embeddings (the cached rows stay); logged: neighbours changed and search seconds"},
     )
+    arch_recipe: ChoiceEnum(["text", "code"]) = field(
+        default="text",
+        metadata={"help": "'text': ARCH as the paper's text describes it; 'code': the official code's computation "
+                  "(SimiaoZuo/Caching-Adv e5719e3: displacements cached, refreshes in epochs 1, Tc, 2Tc, ..., "
+                  "non-negative init, padding unmasked; defaults --adv-eps 0.3 --adv-steps 2 --adv-step-size 1e-4 "
+                  "--adv-kl symmetric; fairseq_arch/code_recipe.py)"},
+    )
     arch_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "directory of the disk-backed cache (default: <save-dir>/arch_cache); "
@@ -114,6 +121,15 @@ def validate_arch_config(cfg) -> None:
         raise ValueError(f"--arch-rebuild-norm must be one of {', '.join(REBUILD_NORMS)}, got {cfg.arch_rebuild_norm!r}")
     if str(cfg.arch_neighbor_search) not in ("refresh", "epoch"):
         raise ValueError(f"--arch-neighbor-search must be 'refresh' or 'epoch', got {cfg.arch_neighbor_search!r}")
+    if str(cfg.arch_recipe) == "code":
+        for bad, why in ((cfg.arch_first_refresh_epoch != 1, "--arch-first-refresh-epoch other than 1"),
+                         (str(cfg.arch_neighbor_search) != "refresh", "--arch-neighbor-search epoch"),
+                         (str(cfg.arch_rebuild_norm) != "paper", "--arch-rebuild-norm other than paper"),
+                         (str(cfg.arch_cache_dtype) != "float32",
+                          "--arch-cache-dtype float16 (its displacements, ~1e-6 per coordinate, are below "
+                          "float16's normal range): use --arch-cache-dtype float32")):
+            if bad:
+                raise ValueError(f"--arch-recipe code (the official code's computation) cannot run with {why}")
     src = cfg.arch_neighbor_embeddings
     if src not in ("model", "random") and not os.path.isfile(src):
         raise ValueError(
@@ -226,6 +242,7 @@ class ArchTranslationTask(TranslationTask):
                 rebuild_norm=str(self.cfg.arch_rebuild_norm),
                 neighbor_search=str(self.cfg.arch_neighbor_search),
                 ball=crit.space.ball,
+                schedule=str(self.cfg.arch_recipe),
             )
         # every rank is here (begin_epoch is collective anyway: the cache's gather)
         dummies = all_gather_object(self.dummy_batches)
