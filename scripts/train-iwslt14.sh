@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train IWSLT'14 De-En / En-De as in the ARCH paper (docs/recipes.md) with fairseq-train.
 #
-#   bash scripts/train-iwslt14.sh [--direction DIR] [--method arch|none|r3f|smart|freelb] [--seed N] [--data DIR]
+#   bash scripts/train-iwslt14.sh [--direction DIR] [--method arch|none|r3f|smart|freelb] [--seed N] [--data DIR] [--official]
 #        [--save-dir DIR] [--max-tokens N] [--batch-tokens N] [--hydra] [--smoke] [--print-args]
 #        [-- EXTRA fairseq-train ARGS]
 #
@@ -12,6 +12,7 @@
 # paper's batch (the batch used, updates per epoch and warm-up epochs are printed); no GPU: one CPU
 # device (--cpu). Rerun the same command to resume (checkpoint_last.pt and the ARCH cache in
 # SAVE_DIR/arch_cache). --hydra: the same run through fairseq-hydra-train and configs/recipes/*.yaml.
+# --official (de-en): the official code's run.sh and computation (--arch-recipe code; configs/recipes/iwslt14_de_en_official.yaml).
 # Several seeds with mean/std: scripts/train-seeds.sh. --smoke (or ARCH_SMOKE=1): tiny model, 2 epochs (CI).
 set -euo pipefail
 source "$(dirname "$0")/recipes/wrapper.sh"

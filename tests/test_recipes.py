@@ -495,16 +495,19 @@ def effective(mode, args, cwd):
 
 
 @pytest.mark.parametrize("name,gpus,computed", [("iwslt14_de_en", 1, False), ("iwslt15_vi_en", 3, True),
-                                                ("wmt16_en_de", 8, False)])
+                                                ("wmt16_en_de", 8, False), ("iwslt14_de_en_official", 1, False)])
 def test_yaml_and_shell_recipe_give_the_same_effective_settings(name, gpus, computed, tmp_path):
     """The YAML as written (the GPU count its update_freq assumes: 1 for IWSLT, 8 for WMT'16) and, for 3
-    GPUs, with the overrides that `train.py --hydra` computes, against the shell recipe for as many GPUs."""
-    ds, s, t = name.split("_")
+    GPUs, with the overrides that `train.py --hydra` computes, against the shell recipe for as many GPUs.
+    ``*_official``: the official code's run.sh (`train.py --official`)."""
+    ds, s, t = name.split("_")[:3]
+    official = name.endswith("_official")
     data, save = str(tmp_path / "data"), str(tmp_path / "ckpt")
 
     def recipe(*extra):
         res = utils.run([sys.executable, os.path.join(SCRIPTS, "recipes", "train.py"), ds, "--direction", f"{s}-{t}",
-                         "--data", data, "--save-dir", save, "--print-args", *extra],
+                         "--data", data, "--save-dir", save, "--print-args", *(["--official"] if official else []),
+                         *extra],
                         env=dict(ENV, ARCH_NUM_GPUS=str(gpus)), capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
@@ -532,12 +535,14 @@ def test_yaml_and_shell_recipe_give_the_same_effective_settings(name, gpus, comp
     assert not diffs, diffs
     # and what the paper fixes, spelled out
     c, tk = yaml["criterion"], yaml["task"]
+    ball = (0.3, 2, 0.0001) if official else (0.1, 3, 0.1)
     assert (c["adv_method"], c["adv_eps"], c["adv_steps"], c["adv_step_size"], c["adv_norm"], c["adv_granularity"],
-            c["adv_sides"], c["label_smoothing"]) == ("arch", 0.1, 3, 0.1, "l2", "sentence", "both", 0.1)
+            c["adv_sides"], c["label_smoothing"]) == ("arch", *ball, "l2", "sentence", "both", 0.1)
     assert (tk["arch_refresh_interval"], tk["arch_ema"], tk["arch_cache_fraction"], tk["arch_neighbors"]) == (15, 0.01, 0.1, 1)
+    assert (tk["arch_recipe"], c["adv_kl"]) == (("code", "symmetric") if official else ("text", None))
     assert yaml["optimizer"]["adam_betas"] == "(0.9, 0.98)" and yaml["optimization"]["lr"] == [0.001]
     batch = yaml["dataset"]["max_tokens"] * gpus * yaml["optimization"]["update_freq"][0]
-    assert batch >= (450000 if ds == "wmt16" else 64000)
+    assert batch >= (450000 if ds == "wmt16" else 4096 if official else 64000)
     assert (yaml["checkpoint"]["best_checkpoint_metric"], yaml["checkpoint"]["maximize_best_checkpoint_metric"],
             tk["eval_bleu"], tk["eval_tokenized_bleu"]) == ("bleu", True, True, True)
     assert yaml["distributed_training"]["ddp_backend"] == "legacy_ddp"

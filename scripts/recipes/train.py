@@ -79,6 +79,15 @@ ARCH_OPTIONS = [  # App. B.1; spelled out so that the command does not depend on
     "--arch-refresh-interval", "15", "--arch-ema", "0.01", "--arch-cache-fraction", "0.1",
     "--arch-neighbors", "1", "--arch-neighbor-embeddings", "model", "--arch-cache-dtype", "float16",
 ]
+# --official (IWSLT'14 De-En): the official code's run.sh (SimiaoZuo/Caching-Adv e5719e3) and its
+# computation (--arch-recipe code): eps 0.3, 2 inner steps of 1e-4, symmetric KL, Tc 15, alpha 0.01,
+# p 0.1, K 1; --share-decoder-input-output-embed; max-tokens 4096 on one GPU, update-freq 1
+OFFICIAL_ARCH_OPTIONS = [
+    "--adv-lambda", "1.0", "--adv-eps", "0.3", "--adv-steps", "2", "--adv-step-size", "1e-4",
+    "--adv-norm", "l2", "--adv-granularity", "sentence", "--adv-sides", "both", "--adv-kl", "symmetric",
+    "--arch-recipe", "code", "--arch-refresh-interval", "15", "--arch-ema", "0.01", "--arch-cache-fraction", "0.1",
+    "--arch-neighbors", "1", "--arch-neighbor-embeddings", "model", "--arch-cache-dtype", "float32",
+]
 METHODS = ["arch", "none", "r3f", "smart", "freelb"]
 SMOKE_MODEL = [
     "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
@@ -107,8 +116,9 @@ def count_gpus():
         return 0
 
 
-def default_save_dir(dataset, direction, method, seed, smoke=False):
-    return os.path.join("checkpoints", f"{dataset}-{direction}-{method}-seed{seed}{'-smoke' if smoke else ''}")
+def default_save_dir(dataset, direction, method, seed, smoke=False, official=False):
+    return os.path.join("checkpoints", f"{dataset}-{direction}-{method}{'-official' if official else ''}-seed{seed}"
+                                       f"{'-smoke' if smoke else ''}")
 
 
 def update_freq_for(batch_tokens, max_tokens, devices):
@@ -128,23 +138,26 @@ def eval_bleu_flags(dataset, direction):
 
 
 def build_command(dataset, direction, method, data, save_dir, gpus, smoke=False, max_tokens=0, extra=(),
-                  neighbor_checkpoint=None, seed=1, batch_tokens=0):
+                  neighbor_checkpoint=None, seed=1, batch_tokens=0, official=False):
     """(fairseq-train command, effective batch in tokens, update_freq)."""
     e = EXPERIMENTS[dataset]
     src, tgt = direction.split("-")
     devices = max(gpus, 1)
     max_tokens = max_tokens or e["max_tokens"]
+    if official:  # run.sh: the batch of one step on one GPU
+        batch_tokens = batch_tokens or max_tokens
     update_freq, batch = update_freq_for(batch_tokens or e["batch_tokens"], max_tokens, devices)
     length = ["--max-epoch", str(e["max_epoch"])] if e["max_epoch"] else ["--max-update", str(e["max_update"])]
     cmd = [
         "fairseq-train", os.path.join(data, "bin"), "--user-dir", USER_DIR,
         "--task", "arch_translation", "--source-lang", src, "--target-lang", tgt,
-        "--arch", e["arch"], "--share-all-embeddings", "--dropout", str(e["dropout"]),
+        "--arch", e["arch"], "--share-decoder-input-output-embed" if official else "--share-all-embeddings",
+        "--dropout", str(e["dropout"]),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
         "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(WARMUP_UPDATES),
         "--warmup-init-lr", "1e-07", "--weight-decay", str(e["weight_decay"]),
         "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--adv-method", method, *ARCH_OPTIONS,
+        "--adv-method", method, *(OFFICIAL_ARCH_OPTIONS if official else ARCH_OPTIONS),
         "--max-tokens", str(max_tokens), "--update-freq", str(update_freq), *length,
         "--save-dir", save_dir, "--no-epoch-checkpoints", *eval_bleu_flags(dataset, direction),
         "--ddp-backend", DDP_BACKEND,
@@ -166,16 +179,18 @@ def build_command(dataset, direction, method, data, save_dir, gpus, smoke=False,
 
 
 def hydra_overrides(dataset, direction, method, data, save_dir, gpus, smoke=False, max_tokens=0, seed=1,
-                    batch_tokens=0):
+                    batch_tokens=0, official=False):
     """fairseq-hydra-train command for configs/recipes/DATASET_SRC_TGT.yaml with what the YAML cannot know:
     the GPUs found (update_freq, fp16 / cpu), the data and plugin paths (absolute: hydra changes into
     hydra.run.dir), the seed, the method and the run dir (= the save dir; the YAML saves to '.')."""
     e = EXPERIMENTS[dataset]
     src, tgt = direction.split("-")
     max_tokens = max_tokens or e["max_tokens"]
+    if official:
+        batch_tokens = batch_tokens or max_tokens
     update_freq, _ = update_freq_for(batch_tokens or e["batch_tokens"], max_tokens, gpus)
     cmd = ["fairseq-hydra-train", "--config-dir", os.path.join(REPO, "configs", "recipes"),
-           "--config-name", f"{dataset}_{src}_{tgt}",
+           "--config-name", f"{dataset}_{src}_{tgt}" + ("_official" if official else ""),
            f"task.data={os.path.abspath(os.path.join(data, 'bin'))}", f"common.user_dir={USER_DIR}",
            f"common.seed={seed}", f"criterion.adv_method={method}", f"dataset.max_tokens={max_tokens}",
            f"optimization.update_freq=[{update_freq}]", f"hydra.run.dir={os.path.abspath(save_dir)}"]
@@ -271,6 +286,10 @@ def main(argv=None):
                     help="word embeddings for ARCH's neighbour search (Eq. 4) from this fairseq checkpoint "
                          "(--arch-neighbor-embeddings CKPT) instead of the model's own at the end of epoch 1; "
                          "make it with a short --method none run (see below)")
+    ap.add_argument("--official", action="store_true",
+                    help="IWSLT'14 De-En as the official code's run.sh trains it: its computation (--arch-recipe "
+                         "code, eps 0.3, 2 steps of 1e-4, symmetric KL), --share-decoder-input-output-embed, one "
+                         "GPU's batch (max-tokens 4096, update-freq 1); configs/recipes/iwslt14_de_en_official.yaml")
     ap.add_argument("--hydra", action="store_true",
                     help="run fairseq-hydra-train on configs/recipes/DATASET_SRC_TGT.yaml (overrides computed here)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 epochs on a smoke data dir (CI)")
@@ -288,8 +307,10 @@ def main(argv=None):
     if a.hydra and extra:
         ap.error("--hydra takes no fairseq-train arguments after `--`: override the YAML instead "
                  "(run fairseq-hydra-train with the command --print-args --hydra prints, plus KEY=VALUE)")
+    if a.official and (a.dataset, direction) != ("iwslt14", "de-en"):
+        ap.error("--official is the official code's IWSLT'14 De-En run.sh: use it with iwslt14 --direction de-en")
     data = a.data or os.path.join("data", a.dataset + ("-smoke" if smoke else ""))
-    save_dir = a.save_dir or default_save_dir(a.dataset, direction, a.method, a.seed, smoke)
+    save_dir = a.save_dir or default_save_dir(a.dataset, direction, a.method, a.seed, smoke, a.official)
     if a.neighbor_checkpoint and not os.path.isfile(a.neighbor_checkpoint):
         ap.error(f"--neighbor-checkpoint {a.neighbor_checkpoint}: no such file (make it with a short "
                  "--method none run, see --help)")
@@ -298,13 +319,13 @@ def main(argv=None):
     gpus = count_gpus()
     cmd, batch, update_freq = build_command(a.dataset, direction, a.method, data, save_dir, gpus, smoke,
                                             a.max_tokens, extra, neighbor_checkpoint=a.neighbor_checkpoint,
-                                            seed=a.seed, batch_tokens=a.batch_tokens)
+                                            seed=a.seed, batch_tokens=a.batch_tokens, official=a.official)
     if a.hydra:
         cmd = hydra_overrides(a.dataset, direction, a.method, data, save_dir, gpus, smoke, a.max_tokens, a.seed,
-                              a.batch_tokens)
+                              a.batch_tokens, a.official)
     devices = max(gpus, 1)
     max_tokens = 1000 if smoke else (a.max_tokens or e["max_tokens"])
-    target = a.batch_tokens or e["batch_tokens"]
+    target = a.batch_tokens or (max_tokens if a.official else e["batch_tokens"])
     batch_line = (f"train: effective batch {max_tokens} tokens x {devices} device(s) x update-freq {update_freq} = "
                   f"{batch} tokens" + ("" if smoke else f" (recipe {target}; {100 * (batch - target) / target:+.1f}% "
                                                         f"from rounding update-freq up)"))
@@ -317,6 +338,8 @@ def main(argv=None):
               f"scripts/prepare-{a.dataset}.sh first", file=sys.stderr)
         return 2
     want = {"dataset": a.dataset, "direction": direction, "method": a.method, "seed": a.seed}
+    if a.official:
+        want["official"] = True
     problem = check_save_dir(save_dir, want)
     if problem:
         print(f"train: {problem}", file=sys.stderr)
