@@ -38,18 +38,26 @@ def arch_perturbation(criterion, core, sample, masks, teacher, result):
     return delta
 
 
-@register_method("arch")
-class ARCH(KLRegularised):
+class UsesArchCache:
+    """What the methods on ARCH's cache (arch, arch-rdrop) declare: an ascent on refresh
+    epochs, 2 forwards and 1 backward on reuse epochs (Table 1 amortises: 2 + (S - 1) / Tc
+    forwards, 1 + S / Tc backwards), plain CE before the first refresh epoch."""
+
     runs_ascent = True
     needs_cache = True
-    # refresh epochs as smart, reuse epochs 2 and 1 (Table 1 amortises: 2 + (S - 1) / Tc
-    # forwards, 1 + S / Tc backwards)
     counts = ((2, 1), (1, 1))
     reuse_counts = ((2, 0), (1, 0))
 
     @classmethod
     def check_config(cls, cfg, task) -> None:
         check_arch_task(cfg, task)
+
+    def is_plain(self) -> bool:
+        return super().is_plain() or cache_is_off(self.criterion)
+
+
+@register_method("arch")
+class ARCH(UsesArchCache, KLRegularised):
 
     def __init__(self, criterion):
         super().__init__(criterion)
@@ -59,9 +67,6 @@ class ARCH(KLRegularised):
             self._perturbation = CodePerturbation(criterion)
         else:
             self._perturbation = lambda *a: arch_perturbation(criterion, *a)
-
-    def is_plain(self) -> bool:
-        return super().is_plain() or cache_is_off(self.criterion)
 
     def perturbation(self, core, sample, masks, teacher, result):
         return self._perturbation(core, sample, masks, teacher, result)

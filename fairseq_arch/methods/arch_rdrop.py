@@ -10,24 +10,13 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from ..injection import unwrap_model
 from ..perturbation import divergence
 from . import register_method
-from .arch import arch_perturbation, cache_is_off, check_arch_task
+from .arch import UsesArchCache, arch_perturbation
 from .base import Method, StepResult, finite_or_skipped, padding_masks
 
 
 @register_method("arch-rdrop")
-class ARCHRDrop(Method):
-    runs_ascent = True
-    needs_cache = True
-    counts = ((2, 1), (1, 1))
-    reuse_counts = ((2, 0), (1, 0))
+class ARCHRDrop(UsesArchCache, Method):
     default_kl = "symmetric"
-
-    @classmethod
-    def check_config(cls, cfg, task) -> None:
-        check_arch_task(cfg, task)
-
-    def is_plain(self) -> bool:
-        return super().is_plain() or cache_is_off(self.criterion)
 
     def step(self, model, sample) -> StepResult:
         crit = self.criterion
