@@ -47,6 +47,8 @@ def main():
                     help="quality: rewrite the report from the finished runs' JSONs; train nothing")
     ap.add_argument("--calibrate", action="store_true",
                     help="quality: only run none (first seed) for --epochs with --patience 8 and record its valid BLEU curve")
+    ap.add_argument("--calibrate-patience", type=int, default=8,
+                    help="quality --calibrate: fairseq's --patience (0: train every --epochs epoch)")
     ap.add_argument("--checkpoint", help="probe: a checkpoint of an ARCH run")
     ap.add_argument("--data", help="probe: its data-bin directory")
     ap.add_argument("--cache-dir", help="probe: its cache dir (default: the run's, or <checkpoint dir>/arch_cache)")

@@ -587,19 +587,22 @@ def calibration_record(per_epoch: list, what: str, cfg: dict) -> dict:
 
 
 def calibrate(args, cfg, data):
-    """none, first seed, up to --epochs with --patience 8: where validation BLEU peaks."""
+    """none, first seed, up to --epochs with --patience (--calibrate-patience, 0 = none): where
+    validation BLEU peaks."""
+    patience = getattr(args, "calibrate_patience", 8)
     seed = int(args.seeds.split(",")[0])
     save = os.path.join(args.work, SUITE, "calibration-" + config_key(cfg), f"none-s{seed}")
     os.makedirs(save, exist_ok=True)
     log = os.path.join(save, "train.log")
     resumed = os.path.exists(os.path.join(save, "checkpoint_last.pt"))
-    cmd = train_cmd(data, save, ["--adv-method", "none"], seed, cfg, patience=8)
+    cmd = train_cmd(data, save, ["--adv-method", "none"], seed, cfg, patience=patience)
     rc = _progress().run(cmd, log, env=dict(os.environ, PYTHONWARNINGS="ignore"), append=resumed,
                          what="fairseq-train (calibration)")
     if rc != 0:
         raise subprocess.CalledProcessError(rc, cmd)
     rec = calibration_record(parse_log(log), f"python -m benchmarks quality --calibrate, seed {seed}, "
-                                             f"up to {cfg['epochs']} epochs, --patience 8", cfg)
+                                             f"up to {cfg['epochs']} epochs"
+                                             + (f", --patience {patience}" if patience else ", every epoch"), cfg)
     path = os.path.join(args.out, SUITE, "calibration.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
