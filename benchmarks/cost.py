@@ -48,7 +48,7 @@ PAPER_COUNTS = {
 }
 
 
-def _counts(name, steps):
+def method_counts(name, steps):
     """(ours, the paper's) (forwards, backwards) of ``name`` (a method, or arch-refresh /
     arch-reuse) with S = ``steps``."""
     from fairseq_arch.methods import method_class
@@ -221,7 +221,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
     base = t_f + t_b + t_o
     rows = {}
     for m in crits:
-        (of, ob), (pf, pb) = _counts(m, steps)
+        (of, ob), (pf, pb) = method_counts(m, steps)
         rows[m] = {
             "seconds": med[m], "vs_none": med[m] / med["none"], "vs_smart": med[m] / med["smart"],
             "fwd_bwd": [of, ob], "table1_fwd_bwd": [pf, pb],

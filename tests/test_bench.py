@@ -116,7 +116,7 @@ def test_cost_benchmark_counts_are_what_the_criterion_logs(small_toy, tmp_path):
     logged["arch-reuse"] = arch(model, batches[0])[2]
     assert set(logged) == set(cost.PAPER_COUNTS)
     for m, log in logged.items():
-        ours, _ = cost._counts(m, steps)
+        ours, _ = cost.method_counts(m, steps)
         assert tuple(ours) == (log["adv_fwd"], log["adv_bwd"]), f"{m}: table {ours}, logged {log['adv_fwd'], log['adv_bwd']}"
 
 
