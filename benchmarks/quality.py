@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -330,9 +331,57 @@ def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, c
     rc = _progress().run(train, log, env=env, append=resumed, what=f"fairseq-train ({name}, seed {seed})")
     if rc != 0:
         raise subprocess.CalledProcessError(rc, train)
+    ckpt = os.path.join(save, "checkpoint_best.pt")
+    bleu = _scorer()
+    # the length penalty this run's validation prefers (reported beside lenpen 1)
+    valid_refs = references("val", cfg["valid_sentences"])
+    valid_bleu = {lp: bleu.corpus_score(decode(data, ckpt, "valid", lp, env, len(valid_refs)), [valid_refs]).score
+                  for lp in LENPENS}
+    chosen = max(sorted(valid_bleu), key=lambda lp: (valid_bleu[lp], lp == 1.0))
+    refs = references("test_2016_flickr", cfg["test_sentences"])
+    test = {lp: decode(data, ckpt, "test", lp, env, len(refs)) for lp in sorted({1.0, chosen})}
+    score = bleu.corpus_score(test[1.0], [refs])
+    chosen_score = bleu.corpus_score(test[chosen], [refs])
+    os.makedirs(os.path.join(out, SUITE), exist_ok=True)
+    with open(run_path(out, name, seed)[:-len(".json")] + ".test.hyp", "w") as f:  # for sacreBLEU --paired-bs
+        f.writelines(h + "\n" for h in test[1.0])
+    per_epoch = parse_log(log)
+    valid = [(e["valid_bleu"], e["epoch"]) for e in per_epoch if e.get("valid_bleu") is not None]
+    best = max(valid, key=lambda x: (x[0], -x[1])) if valid else (None, None)
+    result = {"variant": name, "method": adv_method(flags), "seed": seed, "flags": flags, "config": cfg,
+              "test_sacrebleu": score.score, "test_sacrebleu_text": str(score), "signature": str(bleu.get_signature()),
+              "test_bp": score.bp, "test_ratio": score.ratio,
+              "valid_bleu_by_lenpen": {str(lp): v for lp, v in valid_bleu.items()}, "lenpen_chosen": chosen,
+              "test_sacrebleu_lenpen": chosen_score.score, "test_sacrebleu_lenpen_text": str(chosen_score),
+              "best_valid_bleu": best[0], "best_epoch": best[1], "epochs_run": per_epoch[-1]["epoch"] if per_epoch else 0,
+              "updates": per_epoch[-1]["updates"] if per_epoch else 0,
+              "train_seconds_measured": per_epoch[-1].get("train_wall") if per_epoch else None,
+              "per_epoch": per_epoch}
+    write_run(out, result)
+    return result
+
+
+# length penalties tried on validation (beam 5): regularisers change output length, so each
+# run's BLEU is also reported at the lenpen its own validation prefers
+LENPENS = (0.6, 1.0, 1.4)
+
+
+def _scorer():
+    import sacrebleu
+
+    return sacrebleu.metrics.BLEU(force=True)
+
+
+def references(split: str, n: int) -> list:
+    with open(os.path.join(common.MULTI30K, f"{split}.lc.norm.tok.en")) as f:
+        return [line.rstrip("\n") for _, line in zip(range(n), f)]
+
+
+def decode(data: str, ckpt: str, subset: str, lenpen: float, env, n: int) -> list:
+    """fairseq-generate's hypotheses of the ``n`` sentences of ``subset``, in order (beam 5)."""
     gen = subprocess.run(_progress().console_cmd(
         ["fairseq-generate", data, "--user-dir", common.USER_DIR, "--task", "arch_translation",
-         "--path", os.path.join(save, "checkpoint_best.pt"), "--gen-subset", "test", "--beam", "5",
+         "--path", ckpt, "--gen-subset", subset, "--beam", "5", "--lenpen", str(lenpen),
          "--max-len-a", str(MAX_LEN[0]), "--max-len-b", str(MAX_LEN[1]),
          "--batch-size", "128", "--required-batch-size-multiple", "1", "--cpu"]),
         capture_output=True, text=True, env=env, check=True)
@@ -341,23 +390,7 @@ def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, c
         if line.startswith("D-"):
             head, _, text = (line.split("\t") + ["", ""])[:3]
             hyps[int(head[2:])] = text
-    with open(os.path.join(common.MULTI30K, "test_2016_flickr.lc.norm.tok.en")) as f:
-        refs = [l.rstrip("\n") for _, l in zip(range(cfg["test_sentences"]), f)]
-    import sacrebleu
-
-    bleu = sacrebleu.metrics.BLEU(force=True)
-    score = bleu.corpus_score([hyps.get(i, "") for i in range(len(refs))], [refs])
-    per_epoch = parse_log(log)
-    valid = [(e["valid_bleu"], e["epoch"]) for e in per_epoch if e.get("valid_bleu") is not None]
-    best = max(valid, key=lambda x: (x[0], -x[1])) if valid else (None, None)
-    result = {"variant": name, "method": adv_method(flags), "seed": seed, "flags": flags, "config": cfg,
-              "test_sacrebleu": score.score, "test_sacrebleu_text": str(score), "signature": str(bleu.get_signature()),
-              "best_valid_bleu": best[0], "best_epoch": best[1], "epochs_run": per_epoch[-1]["epoch"] if per_epoch else 0,
-              "updates": per_epoch[-1]["updates"] if per_epoch else 0,
-              "train_seconds_measured": per_epoch[-1].get("train_wall") if per_epoch else None,
-              "per_epoch": per_epoch}
-    write_run(out, result)
-    return result
+    return [hyps.get(i, "") for i in range(n)]
 
 
 def run_path(out: str, name: str, seed: int) -> str:
@@ -402,6 +435,29 @@ def _diff_text(p: dict) -> str:
             f"(t, n={p['n']}, seeds {','.join(map(str, p['seeds']))}; per seed {', '.join(f'{d:+.2f}' for d in p['diffs'])})")
 
 
+def _bp_ratio(run: dict):
+    """(BP, hyp/ref length ratio) of a run's test BLEU: recorded, or read from sacreBLEU's line."""
+    if "test_bp" in run:
+        return run["test_bp"], run["test_ratio"]
+    m = re.search(r"BP = ([0-9.]+) ratio = ([0-9.]+)", run.get("test_sacrebleu_text", ""))
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def length_columns(runs: dict) -> dict:
+    """BP and length ratio of the test BLEU (mean over seeds), and the BLEU at each run's
+    validation-chosen length penalty; 'n/a' for runs recorded before they were kept."""
+    rs = [runs[s] for s in sorted(runs)]
+    out = {"bp_ratio_text": "n/a", "lenpen_text": "n/a"}
+    bp_ratio = [_bp_ratio(r) for r in rs]
+    if all(x is not None for x in bp_ratio):
+        out["bp"], out["ratio"] = (statistics.mean(x[i] for x in bp_ratio) for i in (0, 1))
+        out["bp_ratio_text"] = f"{out['bp']:.3f} / {out['ratio']:.3f}"
+    if all("test_sacrebleu_lenpen" in r for r in rs):
+        out["lenpen_mean"] = statistics.mean(r["test_sacrebleu_lenpen"] for r in rs)
+        out["lenpen_text"] = f"{out['lenpen_mean']:.2f} ({', '.join('%g' % r['lenpen_chosen'] for r in rs)})"
+    return out
+
+
 def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
     """Markdown + JSON summary of the finished runs (``results``) of the ``plan`` [(variant, seed)]."""
     order = []
@@ -423,9 +479,10 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
              f"sacreBLEU; hypotheses at most {MAX_LEN[0]} x source + {MAX_LEN[1]} tokens.", ""]
     if calibration:
         lines += [calibration_text(calibration), ""]
-    lines += ["| variant | flags | seeds | test sacreBLEU mean | std | per seed | best valid BLEU (mean) | best epoch per seed "
+    lines += ["| variant | flags | seeds | test sacreBLEU mean | std | per seed | BP / length ratio (mean) "
+              "| at each run's valid-chosen lenpen: mean (lenpens) | best valid BLEU (mean) | best epoch per seed "
               "| cost-derived wall-clock / run | measured training s / run (shared CPU, not comparable) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for v in order:
         rs = by[v]
@@ -441,8 +498,10 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
              "derived_seconds": derived, "measured_seconds": statistics.mean(measured) if measured else None,
              "flags": next(iter(rs.values()))["flags"]}
         summary[v] = s
+        s.update(length_columns(rs))
         lines.append(f"| {v} | `{' '.join(s['flags'])}` | {s['n']} | {s['mean']:.2f} | {_f(s['std'])} | "
-                     f"{', '.join('%.2f' % rs[x]['test_sacrebleu'] for x in sorted(rs))} | {s['best_valid_bleu']:.2f} | "
+                     f"{', '.join('%.2f' % rs[x]['test_sacrebleu'] for x in sorted(rs))} | {s['bp_ratio_text']} | "
+                     f"{s['lenpen_text']} | {s['best_valid_bleu']:.2f} | "
                      f"{', '.join(f's{x}: {e}' for x, e in s['best_epoch'].items())} | "
                      f"{'n/a (no cost.json row)' if derived is None else f'{derived / 60:.1f} min'} | "
                      f"{_f(s['measured_seconds'], 0)} |")
@@ -566,7 +625,8 @@ def report(args, plan, cfg, extra):
             results.append(r)
     cost = load_cost(args.out)
     md, info = summarize(results, plan, cfg, cost, load_calibration(args.out))
-    common.write_report(args.out, "quality", {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
+    # the headline report is v2's until v3 is complete; v3 reports beside it meanwhile
+    common.write_report(args.out, "quality" if SUITE == "quality_v2" else SUITE, {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
                                               "runs": [{k: v for k, v in r.items()} for r in results],
                                               "cost_json": bool(cost), **info}, md)
 
