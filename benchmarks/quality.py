@@ -350,7 +350,7 @@ def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, c
     best = max(valid, key=lambda x: (x[0], -x[1])) if valid else (None, None)
     result = {"variant": name, "method": adv_method(flags), "seed": seed, "flags": flags, "config": cfg,
               "test_sacrebleu": score.score, "test_sacrebleu_text": str(score), "signature": str(bleu.get_signature()),
-              "test_bp": score.bp, "test_ratio": score.ratio,
+              "test_bp": score.bp, "test_ratio": score.ratio, "device": "cpu", "machine": common.machine(),
               "valid_bleu_by_lenpen": {str(lp): v for lp, v in valid_bleu.items()}, "lenpen_chosen": chosen,
               "test_sacrebleu_lenpen": chosen_score.score, "test_sacrebleu_lenpen_text": str(chosen_score),
               "best_valid_bleu": best[0], "best_epoch": best[1], "epochs_run": per_epoch[-1]["epoch"] if per_epoch else 0,
