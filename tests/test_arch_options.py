@@ -112,7 +112,7 @@ def test_neighbor_changes_ignores_order_and_cached_rows():
 def test_bad_values_are_refused_naming_the_option(field, value, flag):
     cfg = SimpleNamespace(arch_cache_fraction=0.1, arch_neighbors=1, arch_ema=0.01, arch_refresh_interval=15,
                           arch_neighbor_embeddings="model", arch_first_refresh_epoch=1, arch_rebuild_norm="paper",
-                          arch_neighbor_search="refresh")
+                          arch_neighbor_search="refresh", arch_recipe="text", arch_cache_dtype="float16")
     validate_arch_config(cfg)
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=flag):
