@@ -233,6 +233,21 @@ def describe(name):
 # finding and reading the raw files
 
 
+def safe_extract(tf: "tarfile.TarFile", dest: str, path: str) -> None:
+    """Extract a release archive refusing members that would land outside ``dest`` or are
+    not plain files/directories: tarfile's "data" filter where Python has it (3.11.4+,
+    3.12), the same check by hand on older 3.11 releases (Debian's 3.11.2)."""
+    if hasattr(tarfile, "data_filter"):
+        tf.extractall(dest, filter="data")
+        return
+    root = os.path.realpath(dest)
+    for m in tf.getmembers():
+        target = os.path.realpath(os.path.join(dest, m.name))
+        if not (m.isfile() or m.isdir()) or os.path.commonpath([root, target]) != root:
+            fail(f"{path}: member {m.name!r} is not a plain file inside the archive's folder; refusing to extract it")
+    tf.extractall(dest)
+
+
 class RawIndex:
     """basename -> path of every file under the --raw inputs, archives opened into a temp dir."""
 
@@ -269,7 +284,7 @@ class RawIndex:
                         z.extractall(dest)
                 else:
                     with tarfile.open(path) as tf:
-                        tf.extractall(dest, filter="data")
+                        safe_extract(tf, dest, path)
             except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, gzip.BadGzipFile) as e:
                 fail(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); download it again")
             self._add(dest)
