@@ -26,6 +26,10 @@ IWSLT14_PARTIAL = os.path.join(utils.SHARED_DATA, "iwslt14-deen-partial")
 IWSLT14_TEST_ORDER = ["TED.dev2010", "TEDX.dev2012", "TED.tst2010", "TED.tst2011", "TED.tst2012"]
 
 
+
+# the test's own archives: tarfile's "data" filter where this Python has it (3.11.4+)
+EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
 def run(script, *args, env=None, cwd=None):
     return utils.run(["bash", os.path.join(SCRIPTS, script), *map(str, args)], env=env or ENV,
                           capture_output=True, text=True, cwd=cwd)
@@ -289,7 +293,7 @@ def test_prepare_fails_cleanly_on_truncated_missing_or_misaligned_input(tmp_path
     # unpacked release with one test set missing: the message names it and lists what is expected
     rel = tmp_path / "rel"
     with tarfile.open(tgz) as tf:
-        tf.extractall(rel, filter="data")
+        tf.extractall(rel, **EXTRACT)
     os.remove(rel / "de-en" / "IWSLT14.TED.tst2011.de-en.en.xml")
     res = run("prepare-iwslt14.sh", out, "--raw", rel, "--smoke")
     assert res.returncode != 0 and "missing input file IWSLT14.TED.tst2011.de-en.en.xml" in res.stderr
@@ -298,7 +302,7 @@ def test_prepare_fails_cleanly_on_truncated_missing_or_misaligned_input(tmp_path
 
     # a train side cut short
     with tarfile.open(tgz) as tf:
-        tf.extractall(rel, filter="data")
+        tf.extractall(rel, **EXTRACT)
     p = rel / "de-en" / "train.tags.de-en.en"
     p.write_text("\n".join(lines(p)[:-7]) + "\n")
     res = run("prepare-iwslt14.sh", out, "--raw", rel, "--smoke")
@@ -307,7 +311,7 @@ def test_prepare_fails_cleanly_on_truncated_missing_or_misaligned_input(tmp_path
 
     # a test .xml cut off in the middle
     with tarfile.open(tgz) as tf:
-        tf.extractall(rel, filter="data")
+        tf.extractall(rel, **EXTRACT)
     x = rel / "de-en" / "IWSLT14.TED.tst2012.de-en.de.xml"
     x.write_text("\n".join(lines(x)[:8]) + "\n")
     res = run("prepare-iwslt14.sh", out, "--raw", rel, "--smoke")
