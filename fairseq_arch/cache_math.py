@@ -16,6 +16,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from .code_recipe import code_last_refresh_epoch, is_code_refresh_epoch
+
 REBUILD_NORMS = ("paper", "neighbor", "eps")
 
 # Smallest size we divide by: a zero mean row stays zero instead of becoming NaN
@@ -38,7 +40,7 @@ def is_refresh_epoch(epoch: int, interval: int, first: int = 1, schedule: str = 
     assert first >= 1, f"the first refresh epoch must be >= 1, got {first}"
     assert schedule in SCHEDULES and (schedule == "text" or first == 1), (schedule, first)
     if schedule == "code":
-        return epoch == 1 or (interval > 0 and epoch % interval == 0)
+        return is_code_refresh_epoch(epoch, interval)
     if epoch < first:
         return False
     if interval == 0:
@@ -51,7 +53,7 @@ def last_refresh_epoch(epoch: int, interval: int, first: int = 1, schedule: str 
     epochs); None before the first refresh epoch (nothing to read)."""
     assert epoch >= 1 and interval >= 0 and first >= 1
     if schedule == "code":
-        return 1 if interval == 0 or epoch < interval else epoch - epoch % interval
+        return code_last_refresh_epoch(epoch, interval)
     if epoch < first:
         return None
     if interval == 0:

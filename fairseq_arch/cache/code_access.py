@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .. import code_recipe
+from .. import cache_math, code_recipe
 from ..perturbation import rows_to_host, scatter_rows
 from .access import RefreshWriter, ReuseReader
 from .faults import fault_point
@@ -20,7 +20,7 @@ def _neighbor_vectors(means, neighbors, ids: np.ndarray) -> torch.Tensor:
     """n x 1 x C: the mean over K neighbours of their token-averaged rows (the row means)."""
     nbr = np.asarray(neighbors[ids], dtype=np.int64)  # n x K
     rows = np.asarray(means[nbr.reshape(-1)], dtype=np.float32).reshape(len(ids), nbr.shape[1], -1)
-    return torch.from_numpy(rows.mean(axis=1, dtype=np.float64).astype(np.float32)).unsqueeze(1)
+    return cache_math.rebuilt_vectors(torch.from_numpy(rows), [1] * len(ids)).unsqueeze(1)  # Eq. 3 unsized
 
 
 def code_read(reader: ReuseReader, sample_ids, side: str, mask: torch.Tensor, eps: float) -> Tuple[torch.Tensor, int, int]:
@@ -50,12 +50,11 @@ def code_store(writer: RefreshWriter, sample_ids, side: str, displacement: torch
     (row means, neighbour table) of this side."""
     ids, pos = writer.positions(sample_ids)
     cached = pos >= 0
-    alpha = writer.ema
+    cached_b, other_b = np.nonzero(cached)[0], np.nonzero(~cached)[0]
     if writer.base is None:
         value = displacement
     else:
         prev = torch.zeros_like(displacement)
-        cached_b, other_b = np.nonzero(cached)[0], np.nonzero(~cached)[0]
         if len(cached_b):
             sel = torch.from_numpy(cached_b).to(displacement.device)
             prev_rows = writer.store.read_rows(writer.base, side, pos[cached_b])
@@ -63,8 +62,7 @@ def code_store(writer: RefreshWriter, sample_ids, side: str, displacement: torch
         if len(other_b):
             vec = _neighbor_vectors(base_tables[0], base_tables[1], ids[other_b]).to(displacement.device)
             prev[torch.from_numpy(other_b).to(displacement.device)] = vec.expand(-1, displacement.size(1), -1)
-        value = code_recipe.code_ema(displacement, prev, alpha, torch.from_numpy(cached).to(displacement.device))
-    cached_b = np.nonzero(cached)[0]
+        value = code_recipe.code_ema(displacement, prev, writer.ema, torch.from_numpy(cached).to(displacement.device))
     if len(cached_b):
         sel = torch.from_numpy(cached_b).to(displacement.device)
         mask_c = mask.index_select(0, sel)

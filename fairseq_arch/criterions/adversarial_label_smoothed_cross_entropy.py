@@ -229,12 +229,15 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         student, _ = self.lprobs_fp32(model, net_output, sample)
         return teacher.divergence(student, self.adv_kl, through_teacher=through_teacher)
 
-    def fresh_perturbation(self, core, sample, teacher: Teacher, masks, key: int, sides=None, counts=None):
-        """A fresh ascent on the batch (the unwrapped ``core``), from the seeded start ``key``,
-        of every perturbed side or of ``sides`` only: the ascent of smart and of ARCH's refresh."""
+    def fresh_perturbation(self, core, sample, teacher: Teacher, masks, key: int, sides=None, counts=None,
+                           init=None, move=None):
+        """A fresh ascent on the batch (the unwrapped ``core``), from the seeded start ``key``
+        (or ``init``), of every perturbed side or of ``sides`` only: the ascent of smart and of
+        ARCH's refresh (``move``: see ProjectedAscent.run)."""
         counts = {"fwd": 0, "bwd": 0} if counts is None else counts
         ascent = self.ascent if sides is None else self.ascent.with_space(self.space.with_sides(sides))
-        return ascent.run(core, sample, masks, key, AscentObjective(self, core, sample, teacher, counts), counts)
+        return ascent.run(core, sample, masks, key, AscentObjective(self, core, sample, teacher, counts), counts,
+                          init=init, move=move)
 
     # -- metrics -------------------------------------------------------------------
 

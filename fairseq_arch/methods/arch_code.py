@@ -12,8 +12,7 @@ import torch
 from ..cache.code_access import code_read, code_store
 from ..code_recipe import code_init, code_step
 from ..perturbation import seeded_init
-from .ascent import frozen_parameters
-from .kl_regularised import AscentObjective
+from .kl_regularised import fresh_ascent
 from .space import SIDE_IDS, embedding_dims
 
 
@@ -31,37 +30,13 @@ def code_start(space, core, sample, masks, key: int):
 
 
 def code_ascent(criterion, core, sample, masks, teacher, key: int, result):
-    """(start, final) of the code's ascent, or None when no fp16 scale gives finite gradients."""
-    space, scaler = criterion.space, criterion.ascent.scaler
-    criterion.ascent.check_model(core)
+    """(start, final) of the code's ascent (its start, its capped step; the criterion's
+    ascent loop and fp16 scale), or None when no scale gives finite gradients."""
+    space = criterion.space
     init = code_start(space, core, sample, masks, key)
-    counts = {"fwd": 0, "bwd": 0}
-    objective = AscentObjective(criterion, core, sample, teacher, counts)
-
-    def attempt(scale):
-        delta, finite = dict(init), None
-        for _ in range(criterion.ascent.steps):
-            for side in space.sides:
-                delta[side] = delta[side].detach().requires_grad_(True)
-            with frozen_parameters(core):
-                out = objective.forward(delta)
-            obj = objective.divergence(out) * scale
-            del out
-            grads = torch.autograd.grad(obj, [delta[s] for s in space.sides])
-            counts["bwd"] += 1
-            for side, g in zip(space.sides, grads):
-                ok = torch.isfinite(g).all()
-                finite = ok if finite is None else finite & ok
-                delta[side] = code_step(delta[side], g, space.step_size, space.eps)
-        return {s: d.detach() for s, d in delta.items()}, finite
-
-    try:
-        return init, scaler.run(core, attempt)
-    except FloatingPointError:
-        return None
-    finally:
-        result.fwd += counts["fwd"]
-        result.bwd += counts["bwd"]
+    final = fresh_ascent(criterion, core, sample, masks, teacher, key, result, init=init,
+                         move=lambda delta, g, mask: code_step(delta, g, space.step_size, space.eps))
+    return None if final is None else (init, final)
 
 
 class CodePerturbation:

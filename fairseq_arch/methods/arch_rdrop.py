@@ -8,10 +8,10 @@ what R-Drop costs (2 forwards, one backward through both), a refresh epoch adds 
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 from ..injection import unwrap_model
-from ..perturbation import divergence
 from . import register_method
 from .arch import UsesArchCache, arch_perturbation
-from .base import Method, StepResult, finite_or_skipped, padding_masks
+from .base import Method, StepResult, padding_masks
+from .rdrop import rdrop_objective
 
 
 @register_method("arch-rdrop")
@@ -35,11 +35,7 @@ class ARCHRDrop(UsesArchCache, Method):
             return result
         out2 = crit.perturbed_forward(model, net_input, delta)
         lp2, _ = crit.get_lprobs_and_target(model, out2, sample)
-        ls2, nll2 = label_smoothed_nll_loss(lp2, target, crit.eps, ignore_index=crit.padding_idx, reduce=True)
-        reg = divergence(lp1.float(), lp2.float(), target.ne(crit.padding_idx), crit.adv_kl)
-        loss, nll_loss = (ls1 + ls2) / 2, (nll1 + nll2) / 2
-        reg, skipped = finite_or_skipped(reg, loss)
-        result.total = loss + 0.5 * crit.adv_lambda * reg.to(loss.dtype)
+        loss, nll_loss, reg, result.total, skipped = rdrop_objective(crit, (ls1, nll1), lp1, lp2, target, crit.adv_kl)
         result.ls_loss, result.nll_loss, result.reg, result.delta = loss, nll_loss, reg, delta
         result.fwd, result.bwd, result.skipped = result.fwd + 1, result.bwd + 1, int(skipped)
         return result

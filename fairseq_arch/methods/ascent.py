@@ -9,7 +9,7 @@ forwards go through the unwrapped model with the parameters frozen).
 
 import contextlib
 import logging
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -129,13 +129,15 @@ class ProjectedAscent:
                 refuse_activation_checkpointing(self.method, ["--checkpoint-activations", "--offload-activations"])
             self._checked_models.add(id(core))
 
-    def run(self, core, sample, masks, key: int, objective: Callable, counts: Dict[str, int]):
+    def run(self, core, sample, masks, key: int, objective: Callable, counts: Dict[str, int],
+            init: Optional[Dict[str, torch.Tensor]] = None, move: Optional[Callable] = None):
         """Fresh perturbations of the batch: ``objective(delta)`` is the divergence of a
         perturbed forward (through the unwrapped ``core``; it counts its forward).
-        Returns the detached deltas; FloatingPointError when no scale gives a finite
-        ascent."""
+        ``init``, ``move``: the start and each side's step (default the space's seeded start
+        and projected step; ``--arch-recipe code`` passes its own). Returns the detached deltas;
+        FloatingPointError when no scale gives a finite ascent."""
         self.check_model(core)
-        init = self.space.init(core, sample, masks, key)
+        init = self.space.init(core, sample, masks, key) if init is None else init
         sides = self.space.sides
 
         def attempt(scale):
@@ -149,7 +151,7 @@ class ProjectedAscent:
                 del out  # the logits stay alive in the divergence's graph only
                 grads = torch.autograd.grad(obj, [delta[s] for s in sides])
                 counts["bwd"] += 1
-                delta, finite = self.space.step(delta, grads, masks, finite)
+                delta, finite = self.space.step(delta, grads, masks, finite, move)
             return {s: d.detach() for s, d in delta.items()}, finite
 
         return self.scaler.run(core, attempt)

@@ -33,13 +33,12 @@ class AscentObjective:
         return self.criterion.divergence(self.core, out, self.sample, self.teacher)
 
 
-def fresh_ascent(criterion, core, sample, masks, teacher, key: int, result: StepResult):
-    """A fresh ascent from the seeded start ``key`` (its passes counted in ``result``);
-    None when it is not finite."""
+def fresh_ascent(criterion, core, sample, masks, teacher, key: int, result: StepResult, init=None, move=None):
+    """A fresh ascent from the seeded start ``key`` (or ``init``; ``move``: each side's step,
+    see ProjectedAscent.run), its passes counted in ``result``; None when it is not finite."""
     counts = {"fwd": 0, "bwd": 0}
     try:
-        return criterion.ascent.run(core, sample, masks, key, AscentObjective(criterion, core, sample, teacher, counts),
-                                    counts)
+        return criterion.fresh_perturbation(core, sample, teacher, masks, key, counts=counts, init=init, move=move)
     except FloatingPointError:
         return None
     finally:
@@ -54,9 +53,6 @@ class KLRegularised(Method):
         """delta of every perturbed side (B x T x C), or None when it could not be
         computed (a non-finite ascent: the batch trains on the clean CE alone)."""
         raise NotImplementedError
-
-    def fresh(self, core, sample, masks, teacher, key: int, result: StepResult) -> Optional[Dict[str, torch.Tensor]]:
-        return fresh_ascent(self.criterion, core, sample, masks, teacher, key, result)
 
     def step(self, model, sample) -> StepResult:
         crit = self.criterion

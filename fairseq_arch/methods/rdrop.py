@@ -27,6 +27,17 @@ from . import register_method
 from .base import Method, StepResult, finite_or_skipped
 
 
+def rdrop_objective(crit, first, lp1, lp2, target, kind: str):
+    """R-Drop's objective (at half scale, module docstring) from the two passes' log-probs;
+    ``first``: the first pass's (LS, nll). Returns (LS mean, nll mean, KL, total, skipped)."""
+    ls1, nll1 = first
+    ls2, nll2 = label_smoothed_nll_loss(lp2, target, crit.eps, ignore_index=crit.padding_idx, reduce=True)
+    reg = divergence(lp1.float(), lp2.float(), target.ne(crit.padding_idx), kind)
+    loss, nll_loss = (ls1 + ls2) / 2, (nll1 + nll2) / 2
+    reg, skipped = finite_or_skipped(reg, loss)
+    return loss, nll_loss, reg, loss + 0.5 * crit.adv_lambda * reg.to(loss.dtype), skipped
+
+
 @register_method("rdrop")
 class RDrop(Method):
     counts = ((2, 0), (1, 0))
@@ -38,11 +49,6 @@ class RDrop(Method):
         out2 = model(**net_input)
         lp1, target = crit.get_lprobs_and_target(model, out1, sample)
         lp2, _ = crit.get_lprobs_and_target(model, out2, sample)
-        ls1, nll1 = label_smoothed_nll_loss(lp1, target, crit.eps, ignore_index=crit.padding_idx, reduce=True)
-        ls2, nll2 = label_smoothed_nll_loss(lp2, target, crit.eps, ignore_index=crit.padding_idx, reduce=True)
-        reg = divergence(lp1.float(), lp2.float(), target.ne(crit.padding_idx), "symmetric")
-        loss, nll_loss = (ls1 + ls2) / 2, (nll1 + nll2) / 2
-        reg, skipped = finite_or_skipped(reg, loss)
-        # half of R-Drop's objective (module docstring): alpha/2 on the symmetric KL
-        total = loss + 0.5 * crit.adv_lambda * reg.to(loss.dtype)
+        first = label_smoothed_nll_loss(lp1, target, crit.eps, ignore_index=crit.padding_idx, reduce=True)
+        loss, nll_loss, reg, total, skipped = rdrop_objective(crit, first, lp1, lp2, target, "symmetric")
         return StepResult(total, loss, nll_loss, reg, net_output=out1, fwd=2, bwd=1, skipped=int(skipped))

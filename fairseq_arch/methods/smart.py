@@ -2,7 +2,7 @@
 every update (the adversarial part of Jiang et al. 2020)."""
 
 from . import register_method
-from .kl_regularised import KLRegularised
+from .kl_regularised import KLRegularised, fresh_ascent
 
 
 @register_method("smart")
@@ -12,4 +12,4 @@ class SMART(KLRegularised):
     counts = ((2, 1), (1, 1))
 
     def perturbation(self, core, sample, masks, teacher, result):
-        return self.fresh(core, sample, masks, teacher, self.noise_key(), result)
+        return fresh_ascent(self.criterion, core, sample, masks, teacher, self.noise_key(), result)

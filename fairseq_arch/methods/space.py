@@ -4,7 +4,7 @@ the criterion's config, shared by every method and by ARCH's cache (which projec
 with it)."""
 
 import copy
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,16 +74,20 @@ class PerturbationSpace:
         return {s: torch.zeros(*masks[s].shape, dims[s], device=masks[s].device) for s in self.sides}
 
     def step(self, delta: Dict[str, torch.Tensor], grads: Sequence[torch.Tensor], masks: Dict[str, torch.Tensor],
-             finite: Optional[torch.Tensor] = None):
-        """One projected ascent step of every side (``grads`` in ``sides`` order). Returns
-        (the new delta, whether every gradient so far was finite): accumulated on the
-        device, so an ascent costs one host-device sync, not one per step."""
+             finite: Optional[torch.Tensor] = None, move: Optional[Callable] = None):
+        """One ascent step of every side (``grads`` in ``sides`` order): ``move(delta, g,
+        mask)``, by default the projected step ``Proj(delta + eta g/||g||)``. Returns (the
+        new delta, whether every gradient so far was finite): accumulated on the device, so
+        an ascent costs one host-device sync, not one per step."""
         out = {}
         for side, g in zip(self.sides, grads):
             ok = torch.isfinite(g).all()
             finite = ok if finite is None else finite & ok
-            out[side] = ascent_step(delta[side].detach(), g, masks[side], self.eps, self.step_size,
-                                    self.norm, self.granularity)
+            if move is None:
+                out[side] = ascent_step(delta[side].detach(), g, masks[side], self.eps, self.step_size,
+                                        self.norm, self.granularity)
+            else:
+                out[side] = move(delta[side], g, masks[side])
         return out, finite
 
 
