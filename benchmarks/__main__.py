@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--suite", default="quality_v2",
                     help="quality: results folder under --out (and scratch under --work): quality_v2 (issue 10), "
                          "quality_v3 (issue 19)")
+    ap.add_argument("--quality-model", default="v2", choices=["v2", "wide"],
+                    help="quality: v2 (2+2 layers, d=128, ffn 256) or wide (2+2 layers, d=256, ffn 1024)")
     ap.add_argument("--train-pairs", type=int, default=QUALITY_PAIRS, help="quality: Multi30k training pairs")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)

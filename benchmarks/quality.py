@@ -32,6 +32,19 @@ MODEL = [
     "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
 ]
 MODEL_TEXT = "transformer 2+2 layers, d=128, ffn 256, 4 heads, shared embeddings"
+# --quality-model: name -> (flags, the text a run's configuration records); v2's text is the one
+# its runs were keyed by, so it must not change
+MODELS = {
+    "v2": (MODEL, MODEL_TEXT),
+    # twice the width and four times the ffn: more capacity to memorise a small corpus, so that
+    # validation BLEU has an overfitting regime (v3's calibration)
+    "wide": (MODEL[:MODEL.index("--encoder-embed-dim")] + [
+        "--encoder-embed-dim", "256", "--decoder-embed-dim", "256",
+        "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
+        "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
+        "transformer 2+2 layers, d=256, ffn 1024, 4 heads, shared embeddings"),
+}
+MODEL_FLAGS = {text: flags for flags, text in MODELS.values()}
 
 # R-Drop's IWSLT'14 De-En setting (Liang et al. 2021, their fairseq example): alpha = 5; not tuned here
 RDROP_ALPHA = 5.0
@@ -137,7 +150,7 @@ def config_of(args) -> dict:
     return {"pairs": args.train_pairs, "valid_sentences": args.valid_sentences,
             "test_sentences": getattr(args, "test_sentences", 1000), "epochs": args.epochs,
             "tc": tc, "dropout": args.dropout, "lr": args.lr, "warmup": args.warmup,
-            "max_tokens": args.max_tokens, "model": MODEL_TEXT, "threshold": 3}
+            "max_tokens": args.max_tokens, "model": MODELS[getattr(args, "quality_model", "v2")][1], "threshold": 3}
 
 
 def variant_flags(name: str, cfg: dict, extra: dict) -> list:
@@ -181,7 +194,7 @@ def adv_method(flags) -> str:
 def train_cmd(data: str, save: str, flags, seed: int, cfg: dict, patience: int = 0) -> list:
     return ["fairseq-train", data, "--user-dir", common.USER_DIR, "--task", "arch_translation",
             "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            *MODEL, "--dropout", str(cfg["dropout"]),
+            *MODEL_FLAGS[cfg["model"]], "--dropout", str(cfg["dropout"]),
             "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(cfg["lr"]),
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(cfg["warmup"]),
             "--max-tokens", str(cfg["max_tokens"]), "--max-epoch", str(cfg["epochs"]), "--seed", str(seed),
@@ -471,7 +484,7 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
     test = {v: {s: r["test_sacrebleu"] for s, r in rs.items()} for v, rs in by.items()}
 
     lines = [f"### Quality at equal epochs {SUITE.rpartition('_')[2]} (Multi30k De-En, first {cfg['pairs']} training pairs, words seen < 3 "
-             f"times -> <unk>; {MODEL_TEXT}, dropout {cfg['dropout']}; Adam lr {cfg['lr']}, inverse_sqrt, warmup "
+             f"times -> <unk>; {cfg['model']}, dropout {cfg['dropout']}; Adam lr {cfg['lr']}, inverse_sqrt, warmup "
              f"{cfg['warmup']}, max-tokens {cfg['max_tokens']}; {cfg['epochs']} epochs for every method, same batches "
              f"per seed; ARCH Tc={cfg['tc']})", "",
              f"Best checkpoint = best validation BLEU (greedy, fairseq --eval-bleu, first {cfg['valid_sentences']} "
@@ -586,11 +599,18 @@ def calibration_text(c: dict) -> str:
             + f". {c['decision']}")
 
 
-def load_calibration(out: str):
-    path = os.path.join(out, SUITE, "calibration.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+def calibration_path(out: str, cfg: dict) -> str:
+    """One calibration per configuration: calibrations of several candidate configurations
+    sit side by side."""
+    return os.path.join(out, SUITE, f"calibration-{config_key(cfg)}.json")
+
+
+def load_calibration(out: str, cfg: dict):
+    """The calibration of this configuration, else the suite's first one (calibration.json)."""
+    for path in (calibration_path(out, cfg), os.path.join(out, SUITE, "calibration.json")):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
     return None
 
 
@@ -624,7 +644,7 @@ def report(args, plan, cfg, extra):
         if r:
             results.append(r)
     cost = load_cost(args.out)
-    md, info = summarize(results, plan, cfg, cost, load_calibration(args.out))
+    md, info = summarize(results, plan, cfg, cost, load_calibration(args.out, cfg))
     # the headline report is v2's until v3 is complete; v3 reports beside it meanwhile
     common.write_report(args.out, "quality" if SUITE == "quality_v2" else SUITE, {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
                                               "runs": [{k: v for k, v in r.items()} for r in results],
@@ -663,7 +683,7 @@ def calibrate(args, cfg, data):
     rec = calibration_record(parse_log(log), f"python -m benchmarks quality --calibrate, seed {seed}, "
                                              f"up to {cfg['epochs']} epochs"
                                              + (f", --patience {patience}" if patience else ", every epoch"), cfg)
-    path = os.path.join(args.out, SUITE, "calibration.json")
+    path = calibration_path(args.out, cfg)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1)
