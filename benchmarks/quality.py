@@ -484,7 +484,7 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
     test = {v: {s: r["test_sacrebleu"] for s, r in rs.items()} for v, rs in by.items()}
 
     lines = [f"### Quality at equal epochs {SUITE.rpartition('_')[2]} (Multi30k De-En, first {cfg['pairs']} training pairs, words seen < 3 "
-             f"times -> <unk>; {cfg['model']}, dropout {cfg['dropout']}; Adam lr {cfg['lr']}, inverse_sqrt, warmup "
+             f"times -> <unk>; {cfg.get('model', MODEL_TEXT)}, dropout {cfg['dropout']}; Adam lr {cfg['lr']}, inverse_sqrt, warmup "
              f"{cfg['warmup']}, max-tokens {cfg['max_tokens']}; {cfg['epochs']} epochs for every method, same batches "
              f"per seed; ARCH Tc={cfg['tc']})", "",
              f"Best checkpoint = best validation BLEU (greedy, fairseq --eval-bleu, first {cfg['valid_sentences']} "
