@@ -22,7 +22,7 @@ import shlex
 import statistics
 import subprocess
 
-from . import common
+from . import common, quality_plots, significance
 
 MODEL = [
     "--arch", "transformer", "--share-all-embeddings",
@@ -645,10 +645,25 @@ def report(args, plan, cfg, extra):
             results.append(r)
     cost = load_cost(args.out)
     md, info = summarize(results, plan, cfg, cost, load_calibration(args.out, cfg))
+    name = "quality" if SUITE == "quality_v2" else SUITE
+    if SUITE != "quality_v2":  # v2's runs kept no test hypotheses and its report stays as published
+        md = "\n".join([md, ""] + significance_lines(args.out, results, info, cfg)
+                       + quality_plots.write(args.out, name, info, common.machine()))
     # the headline report is v2's until v3 is complete; v3 reports beside it meanwhile
-    common.write_report(args.out, "quality" if SUITE == "quality_v2" else SUITE, {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
+    common.write_report(args.out, name, {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
                                               "runs": [{k: v for k, v in r.items()} for r in results],
                                               "cost_json": bool(cost), **info}, md)
+
+
+def significance_lines(out: str, results: list, info: dict, cfg: dict) -> list:
+    """sacreBLEU's paired bootstrap per seed for every pair the report differences (added to
+    ``info`` as "paired_bs")."""
+    pairs_ = [tuple(k.split(" - ")) for k in info.get("paired", {})]
+    seeds = sorted({r["seed"] for r in results})
+    table = significance.seed_table(os.path.join(out, SUITE), pairs_, seeds,
+                                    references("test_2016_flickr", cfg["test_sentences"]))
+    info["paired_bs"] = {k: {str(s): r for s, r in row.items()} for k, row in table.items()}
+    return significance.markdown(table)
 
 
 def calibration_record(per_epoch: list, what: str, cfg: dict) -> dict:

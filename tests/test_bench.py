@@ -270,3 +270,42 @@ def test_quality_benchmark_reports_paired_differences_and_resumes(tmp_path):
     assert only.returncode == 0, only.stdout[-2000:] + only.stderr[-3000:]
     assert "fairseq-train" not in only.stdout and not os.path.exists(tmp_path / "work3" / "quality_v2")
     assert "Missing runs: r3f-s1." in open(tmp_path / "out" / "quality.md").read()
+
+
+@pytest.mark.fast
+def test_paired_bootstrap_per_seed_and_the_v3_figures(tmp_path):
+    """sacreBLEU's paired bootstrap runs per seed on the kept test hypotheses (a seed without
+    both files is left out); the forest and BLEU-vs-cost figures are written with captions,
+    and every variant keeps one style."""
+    from benchmarks import quality_plots, significance
+
+    refs = ["a man rides a red bike down the street", "two dogs play in the snow", "a girl reads a book",
+            "people walk past a shop window"] * 20
+    worse = ["a man rides bike the street", "dogs play snow", "girl reads book", "people walk a window"] * 20
+    for name, seed, hyps in (("none", 1, worse), ("arch", 1, refs), ("none", 2, worse), ("arch", 2, worse),
+                             ("arch", 3, refs)):
+        with open(significance.hyp_path(str(tmp_path), name, seed), "w") as f:
+            f.writelines(h + "\n" for h in hyps)
+    table = significance.seed_table(str(tmp_path), [("arch", "none")], [1, 2, 3], refs)
+    row = table["arch - none"]
+    assert set(row) == {1, 2}  # seed 3 has no none hypotheses
+    assert row[1]["delta"] > 10 and row[1]["p_value"] < 0.05
+    assert row[2]["delta"] == 0 and row[2]["p_value"] > 0.5
+    md = "\n".join(significance.markdown(table))
+    assert re.search(r"- arch - none: s1: \+[0-9.]+ \(p=0\.0[0-9]+\*\); s2: \+0\.00 \(p=1\.000\)", md), md
+    with pytest.raises(ValueError, match="equal lengths"):
+        significance.paired_bootstrap(worse, refs[:-1], refs)
+
+    info = {"paired": {"arch - none": {"n": 2, "mean": 1.0, "ci": [0.2, 1.8]},
+                       "my-variant - none": {"n": 1, "mean": -0.5, "ci": None}, "arch - rdrop": {"n": 0}},
+            "summary": {"none": {"n": 2, "mean": 20.0, "std": 0.3, "derived_seconds": 600},
+                        "arch": {"n": 2, "mean": 21.0, "std": None, "derived_seconds": None},
+                        "my-variant": {"n": 1, "mean": 19.5, "std": None, "derived_seconds": 1200}}}
+    lines = quality_plots.write(str(tmp_path), "quality_v3", info, "test machine")
+    for png in ("quality_v3_forest.png", "quality_v3_bleu_cost.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+        i = lines.index(f"![{'difference from none' if 'forest' in png else 'BLEU vs cost'}]({png})")
+        assert lines[i + 2].startswith("*") and lines[i + 2].endswith("*")  # a caption under every image
+    styles = {v: quality_plots.variant_style(v, ["x-b", "x-a", "none"]) for v in ("none", "x-a", "x-b")}
+    assert len(set(styles.values())) == 3 and styles["none"] == quality_plots.STYLES["none"]
+    assert quality_plots.variant_style("x-a", ["x-a", "x-b"]) == quality_plots.variant_style("x-a", ["x-b", "x-a"])
