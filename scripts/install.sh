@@ -18,6 +18,12 @@
 #      would replace torch) and cython (a build-time tool); with --no-deps pip installs nothing
 #      for them and does not run the resolver check that would print "ERROR: ... ve-fairseq
 #      requires torchaudio" for an install that works. Its real runtime deps came with step 2.
+#
+# In YOUR active environment (a venv or conda env that is not this project's .venv/) nothing you
+# installed is replaced or removed: a fairseq >= 0.12 (official, fork or editable) and any faiss
+# are kept, and the install says what it kept and what it would have installed.
+# ARCH_INSTALL_REPLACE=1 replaces them (fairseq with ve-fairseq==0.12.3, faiss with ARCH_FAISS's).
+# A fairseq older than 0.12 stops the install with that advice.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ARCH_REPO"
@@ -25,6 +31,7 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 TORCH_VERSION="${ARCH_TORCH_VERSION:-2.13.0}"
 TORCH_CPU_INDEX="${ARCH_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
 FAISS="${ARCH_FAISS:-cpu}"
+REPLACE="${ARCH_INSTALL_REPLACE:-0}"
 case "$FAISS" in
     cpu) FAISS_DIST=faiss-cpu ;;
     gpu) FAISS_DIST=faiss-gpu-cu12 ;;
@@ -63,7 +70,7 @@ PIP=(pip_install)
 
 # Nothing changed since the last complete install: done.
 STAMP="$ENV_DIR/.fairseq-arch-install"
-fingerprint="$( (cat setup.py requirements/fairseq.txt scripts/install.sh; echo "faiss=$FAISS") | cksum | cut -d' ' -f1)"
+fingerprint="$( (cat setup.py requirements/fairseq.txt scripts/install.sh; echo "faiss=$FAISS replace=$REPLACE") | cksum | cut -d' ' -f1)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]] \
    && "$PY" -c "import torch, fairseq, faiss, fairseq_arch" 2>/dev/null; then
     say "up to date: $("$PY" -c 'import torch; print(torch.__version__)') in $ENV_DIR"
@@ -113,24 +120,68 @@ else
     say "installed $(torch_build)"
 fi
 
-# --- 2. this package and every import's package --------------------------------------------------
-# faiss-cpu and faiss-gpu* both write faiss/: remove every other one before installing ours
-others="$("$PY" - "$FAISS_DIST" <<'PYEOF'
-import importlib.metadata as m, sys
+# What the environment already has: "<distributions>|<version>" of fairseq, the faiss distributions
+found_fairseq="$("$PY" - 2>/dev/null <<'PYEOF'
+import importlib.metadata as m, logging
+logging.disable(logging.WARNING)  # fairseq's import-time notices
+dists = sorted(set(m.packages_distributions().get("fairseq", [])))
+try:
+    import fairseq
+    version = getattr(fairseq, "__version__", "unknown")
+except Exception:
+    version = ""
+print(" ".join(dists) + "|" + version if (dists or version) else "")
+PYEOF
+)" || found_fairseq=""
+found_faiss="$("$PY" - <<'PYEOF'
+import importlib.metadata as m
 names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in m.distributions()}
-print(" ".join(sorted(n for n in names if (n == "faiss" or n.startswith("faiss-")) and n != sys.argv[1])))
+print(" ".join(sorted(n for n in names if n == "faiss" or n.startswith("faiss-"))))
 PYEOF
 )"
-if [[ -n "$others" ]]; then
-    say "uninstalling $others (ARCH_FAISS=$FAISS installs $FAISS_DIST; they all own the package faiss)"
-    "$PY" -m pip uninstall -q -y $others
-    "${PIP[@]}" --force-reinstall --no-deps "$FAISS_DIST"  # faiss/ was shared: put ours back whole
+# keep what a user's own environment holds unless ARCH_INSTALL_REPLACE=1
+keep_users=0
+arch_env_is_ours || [[ "$REPLACE" == 1 ]] || keep_users=1
+if [[ $keep_users == 1 && -n "$found_fairseq" ]]; then
+    # checked before anything is installed: a fairseq the plugin cannot run on stops here
+    if ! "$PY" -c 'import re, sys; m = re.match(r"(\d+)\.(\d+)", sys.argv[1]); sys.exit(not m or (int(m[1]), int(m[2])) < (0, 12))' \
+            "${found_fairseq#*|}" 2>/dev/null; then
+        echo "[install] fairseq ${found_fairseq#*|} (${found_fairseq%%|*}) in $ENV_DIR is not 0.12 or newer, which" \
+             "fairseq-arch needs: upgrade it, or rerun with ARCH_INSTALL_REPLACE=1 to replace it with" \
+             "ve-fairseq==0.12.3. Nothing was installed." >&2
+        exit 2
+    fi
 fi
-say "installing fairseq-arch (editable) and its dependencies, $FAISS_DIST"
-"${PIP[@]}" -e ".[$FAISS,test,bench]"
+
+# --- 2. this package and every import's package --------------------------------------------------
+extras="$FAISS,test,bench"
+if [[ $keep_users == 1 && -n "$found_faiss" ]]; then
+    say "keeping the installed $found_faiss (would have installed $FAISS_DIST; ARCH_INSTALL_REPLACE=1 replaces it)"
+    extras="test,bench"
+else
+    # faiss-cpu and faiss-gpu* both write faiss/: remove every other one before installing ours
+    others="$(tr ' ' '\n' <<<"$found_faiss" | grep -vx "$FAISS_DIST" | tr '\n' ' ' || true)"
+    if [[ -n "${others// /}" ]]; then
+        say "uninstalling $others(ARCH_FAISS=$FAISS installs $FAISS_DIST; they all own the package faiss)"
+        "$PY" -m pip uninstall -q -y $others
+        "${PIP[@]}" --force-reinstall --no-deps "$FAISS_DIST"  # faiss/ was shared: put ours back whole
+    fi
+fi
+say "installing fairseq-arch (editable) and its dependencies$([[ $extras == "$FAISS,"* ]] && echo ", $FAISS_DIST")"
+"${PIP[@]}" -e ".[$extras]"
 
 # --- 3. fairseq, last, without its metadata's pins ---------------------------------------------------
-if ! "$PY" -c 'import importlib.metadata as m, sys; sys.exit(m.version("ve-fairseq") != "0.12.3")' 2>/dev/null; then
+fairseq_dists="${found_fairseq%%|*}" fairseq_version="${found_fairseq#*|}"
+if [[ "$fairseq_dists" == ve-fairseq && "$fairseq_version" == 0.12.3 ]]; then
+    :
+elif [[ $keep_users == 1 && -n "$found_fairseq" ]]; then
+    say "keeping the installed fairseq $fairseq_version (${fairseq_dists:-not from a distribution}; would have installed" \
+        "ve-fairseq==0.12.3; ARCH_INSTALL_REPLACE=1 replaces it)"
+else
+    if [[ -n "$fairseq_dists" && "$fairseq_dists" != ve-fairseq ]]; then
+        say "uninstalling $fairseq_dists (replaced by ve-fairseq==0.12.3)"
+        "$PY" -m pip uninstall -q -y $fairseq_dists
+    fi
     say "installing ve-fairseq==0.12.3 (--no-deps: README, Dependencies)"
     "${PIP[@]}" --no-deps -r requirements/fairseq.txt
 fi
