@@ -12,8 +12,6 @@ import subprocess
 import sys
 import sysconfig
 
-
-
 from . import utils
 
 SKIP_PREFIXES = ("fairseq", "ve_fairseq", "faiss", "__editable__", "fairseq_arch", "_fairseq_arch")
