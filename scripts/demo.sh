@@ -6,10 +6,11 @@
 #   bash scripts/demo.sh --corpus DIR --src de --tgt en      # a local corpus
 #   ARCH_CORPUS=../shared/data/multi30k/tok bash scripts/demo.sh --src de --tgt en
 #
-# Options: --workdir DIR (default runs/demo), --epochs N, --refresh-interval Tc,
+# Options: --workdir DIR (default runs/demo; a non-empty DIR that an earlier demo did not make is
+# refused, since the demo empties it), --epochs N, --refresh-interval Tc,
 # --spm-vocab N (default 0 for the toy corpus, 8000 for a local one),
-# --max-train N, --smoke (a few hundred pairs, 3 epochs: what CI runs).
-# Anything after `--` goes to fairseq-train as is.
+# --max-train N, --smoke (a few hundred pairs, 3 epochs: what CI runs), -h/--help.
+# Anything after `--` goes to fairseq-train as is (e.g. `-- --adv-method rdrop --adv-lambda 5`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
@@ -27,6 +28,7 @@ while [[ $# -gt 0 ]]; do
         --spm-vocab) SPM="$2"; shift 2;;
         --max-train) MAX_TRAIN="$2"; shift 2;;
         --smoke) SMOKE=1; shift;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0;;
         --) shift; EXTRA=("$@"); break;;
         *) echo "demo.sh: unknown option $1" >&2; exit 2;;
     esac
@@ -36,12 +38,28 @@ if [[ $SMOKE == 1 ]]; then
     EPOCHS=3; TC=2; TOY_TRAIN=400; [[ -n "$CORPUS" ]] && { MAX_TRAIN=400; MAX_EVAL=50; [[ $SPM -gt 0 ]] && SPM=500; }
 fi
 if [[ -n "$CORPUS" && ! -d "$CORPUS" ]]; then echo "demo.sh: corpus dir $CORPUS does not exist" >&2; exit 2; fi
+# the demo empties its workdir: only one that it made itself (its marker file) or an empty one
+MARKER=.fairseq-arch-demo
+demo_made() {  # the marker, or (a demo from before the marker) nothing but what a demo writes
+    [[ -f "$1/$MARKER" ]] || ! ls -A "$1" | grep -qvxE 'text|bin|checkpoints|(preprocess|train|generate)\.log|hyp\.test\..*'
+}
+if [[ -e "$WORK" ]] && { [[ ! -d "$WORK" ]] || ! demo_made "$WORK"; }; then
+    echo "demo.sh: --workdir $WORK exists and was not made by the demo (no $MARKER in it); the demo" \
+         "empties its workdir, so it refuses this one: give a new or empty directory" >&2
+    exit 2
+fi
+# the method the run trains with: the criterion's default, or the last --adv-method after --
+METHOD=arch
+for ((i = 0; i < ${#EXTRA[@]}; i++)); do
+    [[ "${EXTRA[$i]}" == --adv-method ]] && METHOD="${EXTRA[$((i + 1))]:-arch}"
+    [[ "${EXTRA[$i]}" == --adv-method=* ]] && METHOD="${EXTRA[$i]#--adv-method=}"
+done
 
 source scripts/env.sh
 arch_use_env
 export PYTHONWARNINGS="ignore"
 
-rm -rf "$WORK"; mkdir -p "$WORK"
+rm -rf "$WORK"; mkdir -p "$WORK"; touch "$WORK/$MARKER"
 echo "== 1/4 prepare corpus"
 python3 scripts/prepare_corpus.py "$WORK/text" --corpus "$CORPUS" --src "$SRC" --tgt "$TGT" \
     --spm-vocab "$SPM" --max-train "$MAX_TRAIN" --max-eval "$MAX_EVAL" --toy-train "$TOY_TRAIN"
@@ -50,7 +68,11 @@ fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --trainpref "$WORK/
     --validpref "$WORK/text/valid" --testpref "$WORK/text/test" --destdir "$WORK/bin" \
     --joined-dictionary --workers 2 > "$WORK/preprocess.log" 2>&1 || { tail "$WORK/preprocess.log"; exit 1; }
 
-echo "== 2/4 train with ARCH ($EPOCHS epochs, fresh perturbations every $TC epochs) -> $WORK/train.log"
+case "$METHOD" in
+    arch|arch-rdrop) WHAT="$METHOD ($EPOCHS epochs, fresh perturbations every $TC epochs)";;
+    *) WHAT="$METHOD ($EPOCHS epochs)";;
+esac
+echo "== 2/4 train with $WHAT -> $WORK/train.log"
 # scripts/progress.py keeps fairseq's whole output in train.log and prints each epoch's line as it ends
 # (kind: refresh/reuse, seconds, time left; on a terminal also a line for the running epoch). Its exit
 # status is fairseq-train's; on failure it prints why and the log's last 30 lines.
@@ -63,7 +85,7 @@ python3 scripts/progress.py run --log "$WORK/train.log" --tail 30 -- fairseq-tra
     --max-tokens 4096 --max-epoch "$EPOCHS" --arch-refresh-interval "$TC" \
     --save-dir "$WORK/checkpoints" --no-epoch-checkpoints --seed 1 --cpu \
     --no-progress-bar --log-format simple --log-interval 5 "${EXTRA[@]}" || exit $?
-for f in "$WORK/checkpoints/arch_cache"/gen-*/*.bin; do echo "  cache file ${f#$WORK/}: $(stat -c %s "$f") bytes"; done
+for f in "$WORK/checkpoints/arch_cache"/gen-*/*.bin; do [[ -e "$f" ]] || continue; echo "  cache file ${f#$WORK/}: $(stat -c %s "$f") bytes"; done
 
 echo "== 3/4 translate the test set (fairseq-generate, beam 5) -> $WORK/generate.log"
 POST=(); [[ "$SPM" -gt 0 ]] && POST=(--post-process sentencepiece)

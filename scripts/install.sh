@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Usage: bash scripts/install.sh   (environment variables: README, "Install")
 # Install fairseq-arch and everything it imports into its own Python environment
 # (scripts/env.sh says which: an active venv/conda env, else .venv/ here, created now).
 # Idempotent: a second run that finds nothing changed takes about a second.
@@ -25,6 +26,7 @@
 # ARCH_INSTALL_REPLACE=1 replaces them (fairseq with ve-fairseq==0.12.3, faiss with ARCH_FAISS's).
 # A fairseq older than 0.12 stops the install with that advice.
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
 source "$(dirname "$0")/env.sh"
 cd "$ARCH_REPO"
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1

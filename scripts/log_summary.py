@@ -11,9 +11,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import progress  # noqa: E402
 
 
-def main(path):
-    progress.summary(path)
+def main(argv):
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(f"usage: {os.path.basename(__file__)} TRAIN_LOG\n\n{__doc__}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    progress.summary(argv[0])
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main(sys.argv[1:]))

@@ -2,8 +2,10 @@
 # The test suite on a fresh machine: install into the project's environment (scripts/env.sh:
 # .venv/ unless a venv/conda env is active; idempotent), then pytest inside it.
 # About 7 minutes on 2 CPU cores, plus about 1 minute for the first install.
-# Extra arguments go to pytest (e.g. -k cache, -m fast).
+# Usage: bash scripts/test.sh [PYTEST ARGS]: extra arguments go to pytest (e.g. -k cache, -m fast;
+# pytest's own options: .venv/bin/python -m pytest --help).
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
 source "$(dirname "$0")/env.sh"
 arch_use_env
 cd "$ARCH_REPO"

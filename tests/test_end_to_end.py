@@ -138,6 +138,27 @@ def _demo(tmp_path, *args):
 def test_readme_main_command_runs_on_the_toy_corpus(tmp_path):
     out = _demo(tmp_path)
     assert "generated the synthetic toy corpus" in out
+    assert "== 2/4 train with arch (3 epochs, fresh perturbations every 2 epochs)" in out
+    # a rerun on the demo's own workdir is allowed (the demo made it)
+    assert (tmp_path / "demo" / ".fairseq-arch-demo").exists()
+
+
+def test_demo_names_the_method_it_trains(tmp_path):
+    work = str(tmp_path / "demo")
+    res = utils.run(["bash", os.path.join(utils.REPO, "scripts", "demo.sh"), "--smoke", "--workdir", work,
+                     "--", "--adv-method", "rdrop"], env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "== 2/4 train with rdrop (3 epochs) ->" in res.stdout and "ARCH" not in res.stdout.split("== 3/4")[0]
+
+
+def test_demo_refuses_a_workdir_it_did_not_make(tmp_path):
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "thesis.tex").write_text("precious\n")
+    res = utils.run(["bash", os.path.join(utils.REPO, "scripts", "demo.sh"), "--smoke", "--workdir", str(work)],
+                    env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2 and "was not made by the demo" in res.stderr, res.stderr
+    assert (work / "thesis.tex").read_text() == "precious\n"
 
 
 def test_readme_main_command_on_a_real_multi30k_slice(tmp_path):
