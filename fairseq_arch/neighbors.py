@@ -198,3 +198,50 @@ class CosineIndex:
             return s.cpu(), i.cpu()
         s, i = self._index.search(np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32), k)
         return torch.from_numpy(s), torch.from_numpy(i).long()
+
+
+# The neighbour-table degeneracy check (a warning, never a refusal). When the sentence
+# vectors collapse (non-finite or constant embedding rows, sentences of <unk> only), every
+# score ties and the search returns the same cached sentence for everyone: all uncached
+# sentences are then trained with one sentence's perturbation, and nothing fails.
+# Rule: one cached sentence is the nearest neighbour of more than DEGENERATE_SHARE (half)
+# of the uncached sentences. A working search spreads them: measured (p = 0.1 and 0.3,
+# K = 1, both sides), the most common nearest neighbour serves at most 1.0% of Multi30k's
+# 29k training sentences with the model's initial embeddings, at most 8.8% of a 1500-
+# sentence Multi30k slice with initial or trained embeddings (the quality benchmark's
+# baseline, epoch 48), with 65-93% of the cached sentences serving someone; a collapse
+# gives 100% and 1 (tests/test_bad_input.py measures a slice again). Half is five times
+# the worst measured share, far from both. A rule on the number of distinct neighbours
+# was not taken: it depends on p N and on hubness, the top share does not. Below
+# DEGENERATE_MIN_CACHED cached sentences a shared neighbour is unavoidable, and below
+# DEGENERATE_MIN_QUERIES uncached ones the share is noise: no verdict.
+DEGENERATE_SHARE = 0.5
+DEGENERATE_MIN_CACHED = 8
+DEGENERATE_MIN_QUERIES = 32
+
+
+def neighbour_concentration(nearest: np.ndarray) -> Tuple[float, int, int]:
+    """(share of the most common value, that value, number of distinct values) of the
+    nearest-neighbour column of the uncached sentences (cached positions, >= 0)."""
+    nearest = np.asarray(nearest).reshape(-1)
+    if nearest.size == 0:
+        return 0.0, -1, 0
+    values, counts = np.unique(nearest, return_counts=True)
+    top = int(np.argmax(counts))
+    return float(counts[top]) / nearest.size, int(values[top]), len(values)
+
+
+def degenerate_neighbours(nearest: np.ndarray, num_cached: int, side: str = "") -> Optional[str]:
+    """A warning when one cached sentence is the nearest neighbour of more than
+    DEGENERATE_SHARE of the uncached sentences (rule above), else None."""
+    nearest = np.asarray(nearest).reshape(-1)
+    if num_cached < DEGENERATE_MIN_CACHED or nearest.size < DEGENERATE_MIN_QUERIES:
+        return None
+    share, value, distinct = neighbour_concentration(nearest)
+    if share <= DEGENERATE_SHARE:
+        return None
+    return (f"ARCH neighbour table{' (' + side + ')' if side else ''} is degenerate: cached sentence {value} is "
+            f"the nearest neighbour of {share:.0%} of the {nearest.size} uncached sentences ({distinct} distinct "
+            f"neighbours among {num_cached} cached): their perturbations are all rebuilt from it. The sentence "
+            "vectors have collapsed: check --arch-neighbor-embeddings (non-finite or constant rows) or the "
+            "model's embeddings")

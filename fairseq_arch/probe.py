@@ -275,6 +275,16 @@ def log_probe(task, model, criterion, epoch: int, n: int) -> Optional[dict]:
     if n <= 0 or epoch < 2 or dist_info()[0] != 0:
         return None
     ds = task.dataset(task.cfg.train_subset)
-    res = probe_model(task, model, criterion, probe_ids(len(ds), n, criterion.space.seed), seed=criterion.space.seed)
-    logger.info(summary_line(f"ARCH probe epoch {epoch - 1} ({n} sentences, model at the start of epoch {epoch})", res))
+    ids = probe_ids(len(ds), n, criterion.space.seed)
+    res = probe_model(task, model, criterion, ids, seed=criterion.space.seed)
+    logger.info(summary_line(f"ARCH probe epoch {epoch - 1} ({probed_sentences(len(ids), n)}, model at the start "
+                             f"of epoch {epoch})", res))
     return res
+
+
+def probed_sentences(probed: int, asked: int) -> str:
+    """'N sentences' for the log line, saying when --adv-probe-sentences was clamped to
+    the training set's size."""
+    if probed < asked:
+        return f"{probed} sentences: --adv-probe-sentences {asked} clamped to the training set's {probed}"
+    return f"{probed} sentences"

@@ -15,9 +15,10 @@ smoothing, no cache. Epoch e is a *refresh* epoch when ``is_refresh_epoch(e, Tc,
     at that time, COMPLETE marker); it becomes current. The other ranks wait for it in
     the cache's collectives, on a process group with a long timeout
     (:mod:`fairseq_arch.distributed`).
-Other epochs only read the current generation: cached sentences read their rows,
-the others get the mean of their K neighbours' row means on every token, rescaled
-to a target size with ``--arch-rebuild-norm neighbor|eps``. With
+Other epochs only read the current generation (a reuse epoch that finds none, the
+cache dir deleted, recomputes it as a refresh: :mod:`.lifecycle`, Recovery): cached
+sentences read their rows, the others get the mean of their K neighbours' row means
+on every token, rescaled to a target size with ``--arch-rebuild-norm neighbor|eps``. With
 ``--arch-neighbor-search epoch`` every reuse epoch after the first of a generation
 searches the neighbours again at its start (:mod:`.epoch_search`).
 """
@@ -30,10 +31,11 @@ import torch
 from .. import cache_math
 from ..distributed import all_gather_object, dist_info, on_rank0
 from .access import RefreshWriter, ReuseReader
+from .data_digest import tokens_digest
 from .epoch_search import EpochSearch, summarize
 from .files import CacheMismatchError
 from .finalize import RefreshFinalizer
-from .lifecycle import GenerationLifecycle
+from .lifecycle import GenerationLifecycle, live_mode
 from .search import NeighborSearch
 from .sizes import RebuildSizer
 from .store import PerturbationCacheStore
@@ -107,19 +109,24 @@ class ArchCache:
         return self.search.last_backend if self.search is not None else ""
 
     def open(self, model) -> None:
-        """Open the cache dir (every rank; once): rank 0 creates or checks the layout and
+        """Open the cache dir (every rank; once): rank 0 takes the dir for this job (a
+        second job on it is refused, lock.py), creates or checks the layout -- every
+        setting that changes what is stored, and the training tokens' digest -- and
         stamps the dir with a token of this process group; every rank must read the same
         token back, else the ranks do not share one cache dir (multi-node without a
-        shared filesystem). Nothing else is written."""
+        shared filesystem), and the same layout. Nothing else is written."""
         if self.store is not None:
             return
         from ..injection import embedding_modules
 
         dims = {s: int(m.embedding_dim) for s, m in embedding_modules(model).items() if s in self.sides}
         self.rank = dist_info()[0]
+        sizer = self.sizer
         store = PerturbationCacheStore(self.cache_dir, self.dataset.src_sizes, self.dataset.tgt_sizes, dims,
-                                       self.fraction, self.seed, self.dtype, self.num_neighbors, rank=self.rank)
-        token = on_rank0(store.create_or_check)
+                                       self.fraction, self.seed, self.dtype, self.num_neighbors, rank=self.rank,
+                                       ball=(sizer.eps, sizer.norm, sizer.granularity), ema=self.ema,
+                                       recipe=self.schedule, tokens=tokens_digest(self.dataset))
+        token = on_rank0(store.create_or_check)  # CacheInUseError while another job holds the dir
         seen = all_gather_object(store.read_token())
         if any(t != token for t in seen):
             raise CacheMismatchError(
@@ -152,7 +159,9 @@ class ArchCache:
         finalizer = self.lifecycle.finalizer
         if finalizer.last_search_seconds is not None:  # rank 0 finalised a refresh
             self.last_search_seconds, finalizer.last_search_seconds = finalizer.last_search_seconds, None
-        mode = self.lifecycle.mode(epoch)
+        # the schedule's mode, but a reuse epoch that recomputes a deleted cache refreshes
+        scheduled = self.lifecycle.mode(epoch)
+        mode = live_mode(epoch, scheduled, state)
         self.epoch, self.mode, self.state = epoch, mode, state
         self.last_nbr_changed = None
         self.access = None
@@ -170,7 +179,8 @@ class ArchCache:
                 self.last_search_seconds = float(info["search_seconds"])
                 self.last_nbr_changed = summarize(epoch, info)
             self.access = ReuseReader(store, gen, self.search, self.sizer, neighbors, epoch)
-        what = {"refresh": "fresh ascent", "reuse": "cache only",
+        what = {"refresh": "fresh ascent" + (", recomputing the missing cache" if mode != scheduled else ""),
+                "reuse": "cache only",
                 "off": f"plain label smoothing until --arch-first-refresh-epoch {self.first_refresh_epoch}"}
         logger.info(f"ARCH epoch {epoch}: {mode} ({what[mode]})")
         return self.access

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .files import atomic_write_json, crc32_problem, file_crc32, replaced_dir
+from .files import atomic_save_npy, atomic_write_json, crc32_problem, file_crc32, replaced_dir
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class EpochNeighborTables:
         INFO written."""
         with replaced_dir(self.epoch_dir(epoch)) as tmp:
             for side, t in tables.items():
-                np.save(os.path.join(tmp, _table_file(side)), t)
+                atomic_save_npy(os.path.join(tmp, _table_file(side)), t)
             info = dict(info, crc32={_table_file(s): file_crc32(os.path.join(tmp, _table_file(s))) for s in tables})
             atomic_write_json(os.path.join(tmp, INFO_FILE), info)
         return info

@@ -1,5 +1,6 @@
 """Test hooks of the crash-consistency tests, at named points of the cache's work."""
 
+import errno
 import logging
 import os
 import signal
@@ -13,7 +14,11 @@ _hits = {"count": 0}
 def fault_point(name: str) -> None:
     """``FAIRSEQ_ARCH_FAULT=<name>:<n>`` SIGKILLs this process the n-th time it passes
     ``name``; ``FAIRSEQ_ARCH_SLEEP=<name>:<seconds>`` sleeps there every time (a slow step,
-    e.g. a long finalisation on rank 0). Unset in normal runs (two dict lookups)."""
+    e.g. a long finalisation on rank 0); ``FAIRSEQ_ARCH_ENOSPC=<name>`` raises "no space left
+    on device" there (a full disk, e.g. ``write@state.json``: the atomic writes of files.py).
+    Unset in normal runs (three dict lookups)."""
+    if os.environ.get("FAIRSEQ_ARCH_ENOSPC") == name:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (FAIRSEQ_ARCH_ENOSPC={name})")
     slow = os.environ.get("FAIRSEQ_ARCH_SLEEP")
     if slow:
         point, _, seconds = slow.rpartition(":")

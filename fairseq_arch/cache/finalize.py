@@ -24,18 +24,20 @@ class RefreshFinalizer:
         self.last_search_seconds: Optional[float] = None  # of the last finalisation, until read
 
     def fill_unwritten(self, name: str, side: str, model, epoch: int) -> Tuple[int, Optional[np.ndarray]]:
-        """Cached rows that no batch of the refresh wrote: sentences filtered out of
-        training (max positions), batches skipped for non-finite values, or batches
-        of a resumed epoch that another --max-tokens / world size re-batched. Their
-        rows still hold the previous generation (stale) or zeros (first refresh), and
-        a reuse epoch would train on them and hand them to neighbours. No fresh
-        perturbation can be computed here (no batch, no criterion), so they are rebuilt
-        from their K nearest *written* cached neighbours exactly as uncached sentences
-        are (Eq. 3): an estimate of this refresh instead of a stale or zero one, stored
-        in the row itself so that reads, means, neighbours and the next refresh's EMA
-        need no special case. (Marking them as "rebuild at read" would also need the
-        next EMA to skip them.) Returns (#filled, cached positions that were written,
-        or None when all were)."""
+        """Cached rows that no batch of the refresh wrote: sentences fairseq's batching
+        left out of training (the remainder of --required-batch-size-multiple, default
+        8; with --skip-invalid-size-inputs-valid-test, sentences over the max positions
+        or --max-tokens), batches skipped for non-finite values, or batches of a resumed
+        epoch that another --max-tokens / world size re-batched. Their rows still hold
+        the previous generation (stale) or zeros (first refresh), and a reuse epoch
+        would train on them and hand them to neighbours. No fresh perturbation can be
+        computed here (no batch, no criterion), so they are rebuilt from their K nearest
+        *written* cached neighbours exactly as uncached sentences are (Eq. 3): an
+        estimate of this refresh instead of a stale or zero one, stored in the row itself
+        (projected onto the ball, as a read projects it) so that reads, means, neighbours
+        and the next refresh's EMA need no special case. (Marking them as "rebuild at
+        read" would also need the next EMA to skip them.) Returns (#filled, cached
+        positions that were written, or None when all were)."""
         store = self.store
         written = store.written_flags(name, side)
         missing = np.nonzero(~written)[0]
@@ -55,6 +57,9 @@ class RefreshFinalizer:
         if self.sizer.mode == "neighbor":
             norms = torch.from_numpy(self.sizer.sizes_of(rows_now, store.offsets[side])[nbr])
         rows = self.sizer.rows(torch.from_numpy(means[nbr]), store.lengths[side][missing], norms)
+        # stored as a read would use them: inside the ball (Eq. 3's mean row on every token
+        # can be larger than the ball, e.g. a long sentence of a short neighbour's mean)
+        rows = self.sizer.project_rows(rows)
         store.write_rows(name, side, missing, [r.numpy() for r in rows], mark_written=False)
         store.merge_shards(name)  # rank 0 holds the generation alone here
         return len(missing), have
@@ -69,8 +74,10 @@ class RefreshFinalizer:
         if filled:
             logger.warning(
                 f"ARCH cache: {filled} of {store.num_cached} cached {side} rows got no fresh perturbation "
-                f"in the refresh of epoch {epoch} (filtered out of training, skipped or re-batched on "
-                "resume): rebuilt from their nearest written neighbours")
+                f"in the refresh of epoch {epoch} (in no batch: fairseq's batching drops the remainder of "
+                "--required-batch-size-multiple and, with --skip-invalid-size-inputs-valid-test, sentences over "
+                "the max positions or --max-tokens; or skipped or re-batched on resume): rebuilt from their "
+                "nearest written neighbours")
         search_s = time.perf_counter() - t1
         rows = store.perturbation_rows(name, side)
         store.save_array(name, side, "means", cache_math.row_means(rows, store.offsets[side]))
@@ -114,6 +121,8 @@ class RefreshFinalizer:
         store.remove_written_flags(name)
         state = store.read_state()
         state["current"] = {"name": name, "epoch": epoch}
+        if in_progress.get("recovery"):
+            state["current"]["recovery"] = True  # recomputed by a reuse epoch (lifecycle.py: Recovery)
         state["in_progress"] = None
         store.write_state(state)
         store.remove_generations_except([name])

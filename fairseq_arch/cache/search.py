@@ -2,27 +2,60 @@
 cosine of mean word embeddings (or random ones, R-1-NN), and the embedding matrices
 it reads (the model's, or a fixed ``--arch-neighbor-embeddings`` file)."""
 
+import logging
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .. import cache_math
-from ..neighbors import CosineIndex
+from ..neighbors import CosineIndex, degenerate_neighbours
 from .store import PerturbationCacheStore
+
+logger = logging.getLogger(__name__)
 
 # sentences per chunk of the neighbour search: bounds memory at chunk x C floats
 NEIGHBOR_CHUNK = 32768
 
 
+# what --arch-neighbor-embeddings accepts besides 'model' and 'random' (said in every refusal)
+EMBEDDING_FORMATS = ("a fairseq checkpoint (its encoder/decoder embed_tokens), a .npy V x C float matrix "
+                     "(numpy.save), or a .pt tensor / dict with 'source' and 'target' tensors (torch.save)")
+
+
 def load_embedding_matrix(path: str) -> Dict[str, torch.Tensor]:
     """Word-embedding matrices for Eq. 4 from a file: a fairseq checkpoint (its
     encoder/decoder ``embed_tokens``), a ``.npy`` matrix, or a ``.pt`` tensor or dict
-    with ``source``/``target`` tensors. Returns ``{"source": W, "target": W}``."""
+    with ``source``/``target`` tensors. Returns ``{"source": W, "target": W}``; a file
+    of another format or with non-finite entries is refused, naming the option."""
+    w = _read_embedding_file(path)
+    for side, m in w.items():
+        bad = int((~torch.isfinite(m)).sum())
+        if bad:
+            raise ValueError(
+                f"--arch-neighbor-embeddings {path}: the {side} matrix has {bad} non-finite (nan or inf) "
+                f"entries of {m.numel()}: the neighbour search would give every sentence the same neighbour. "
+                "Use a matrix of finite values (or --arch-neighbor-embeddings model)")
+    return w
+
+
+def _read_embedding_file(path: str) -> Dict[str, torch.Tensor]:
+    def refuse(why: str):
+        return ValueError(f"--arch-neighbor-embeddings {path}: {why}; accepted formats: {EMBEDDING_FORMATS}")
+
     if path.endswith(".npy"):
-        w = torch.from_numpy(np.load(path)).float()
+        try:
+            arr = np.load(path, allow_pickle=False)  # a matrix: never unpickle objects
+        except (ValueError, OSError, EOFError) as e:
+            raise refuse(f"not a numeric .npy matrix ({type(e).__name__}: {e})") from e
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise refuse(f"a .npy array of dtype {arr.dtype}, not numbers")
+        w = torch.from_numpy(arr).float()
         return {"source": w, "target": w}
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (UnpicklingError, RuntimeError, EOFError, ...: all "not this format")
+        raise refuse(f"cannot be read by torch.load ({type(e).__name__}: {e})") from e
     if torch.is_tensor(obj):
         return {"source": obj.float(), "target": obj.float()}
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -33,12 +66,11 @@ def load_embedding_matrix(path: str) -> Dict[str, torch.Tensor]:
             raise ValueError(f"--arch-neighbor-embeddings {path}: checkpoint has no {missing}")
         return {s: sd[k].float() for s, k in keys.items()}
     if isinstance(obj, dict) and "source" in obj and "target" in obj:
-        return {"source": torch.as_tensor(obj["source"]).float(),
-                "target": torch.as_tensor(obj["target"]).float()}
-    raise ValueError(
-        f"--arch-neighbor-embeddings {path}: expected a fairseq checkpoint, a .npy matrix, "
-        "or a .pt tensor / dict with 'source' and 'target'"
-    )
+        try:
+            return {s: torch.as_tensor(obj[s]).float() for s in ("source", "target")}
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise refuse(f"its 'source' / 'target' are not numeric tensors ({e})") from e
+    raise refuse(f"a {type(obj).__name__} of none of these formats")
 
 
 class NeighborSearch:
@@ -91,6 +123,11 @@ class NeighborSearch:
         if len(uncached) == 0:
             return nbr
         nbr[uncached] = self.nearest_cached(side, model, epoch, uncached, db_positions, k, salt=0)
+        if self.neighbor_embeddings != "random":  # R-1-NN draws uniformly: nothing to check
+            warning = degenerate_neighbours(nbr[uncached, 0], len(db_positions) if db_positions is not None
+                                            else store.num_cached, side)
+            if warning:
+                logger.warning(warning)
         return nbr
 
     def nearest_cached(self, side: str, model, epoch: int, queries_ids: np.ndarray,

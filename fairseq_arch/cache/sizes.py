@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .. import cache_math
+from ..perturbation import project
 from .store import PerturbationCacheStore
 
 logger = logging.getLogger(__name__)
@@ -48,15 +49,27 @@ class RebuildSizer:
         """The ``len_b x C`` rows of :meth:`vectors` (one vector on every token)."""
         return cache_math.expand_vectors(self.vectors(neighbor_means, lengths, neighbor_norms), lengths)
 
+    def project_rows(self, rows: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Each ``len x C`` row projected onto the ball, as a batch's read projects it
+        (:func:`fairseq_arch.perturbation.project`): what a row rebuilt outside a batch
+        (finalize.py's unwritten rows) is stored as, so that a generation holds only
+        perturbations inside the ball."""
+        out = []
+        for r in rows:
+            mask = torch.ones(1, r.size(0), dtype=torch.bool)
+            out.append(project(r.unsqueeze(0), mask, self.eps, self.norm, self.granularity)[0])
+        return out
+
     def sizes_of(self, flat_rows: np.ndarray, offsets: Sequence[int]) -> np.ndarray:
         """Each cached sentence's size in the ball's measure (M float32)."""
         return cache_math.row_norms(flat_rows, offsets, self.norm, self.granularity)
 
     def load_sizes(self, store: PerturbationCacheStore, name: str) -> Optional[Dict[str, np.ndarray]]:
         """The cached sentences' sizes ``neighbor`` mode reads (None in the other modes):
-        stored at finalisation in the measure of the run that finalised; a run resumed
-        with another --adv-norm / --adv-granularity recomputes them in memory (one pass
-        over the rows)."""
+        stored at finalisation in the measure of the run that finalised. A resume with
+        another --adv-norm / --adv-granularity is refused by the layout (layout.json
+        records the ball); sizes in another measure are still recomputed in memory here
+        (one pass over the rows) rather than trusted."""
         if self.mode != "neighbor":
             return None
         stored = store.generation_info(name).get("norm_measure")

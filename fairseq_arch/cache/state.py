@@ -1,11 +1,12 @@
 """``state.json`` (which generation is current, which one is being written) and
-``owner.token`` (a fresh token of the process group that opened the cache dir)."""
+``owner.token`` (the lock of the job that opened the cache dir, with a fresh token of
+its process group: :mod:`.lock`)."""
 
 import os
-import uuid
 from typing import Optional
 
-from .files import DAMAGED, CacheCorruptError, atomic_write_json, atomic_write_text, read_json_dict
+from . import lock
+from .files import DAMAGED, CacheCorruptError, atomic_write_json, read_json_dict
 
 STATE_FILE = "state.json"
 TOKEN_FILE = "owner.token"
@@ -44,19 +45,40 @@ class StateFile:
         atomic_write_json(self.path, state)
 
 
+def holds_nothing(cache_dir: str) -> bool:
+    """Whether the dir holds no perturbations at all: no generation in state.json nor on
+    disk (a layout made by a start that stopped before its first refresh, or whose
+    settings were refused). An unreadable state.json counts as holding something: its
+    error is reported, not papered over."""
+    if any(e.startswith("gen-") for e in os.listdir(cache_dir)):
+        return False
+    try:
+        state = StateFile(cache_dir).read()
+    except CacheCorruptError:
+        return False
+    return state.get("current") is None and state.get("in_progress") is None
+
+
 class OwnerToken:
+    """``owner.token``: rank 0 locks it (one job per cache dir) and writes its record;
+    every rank reads the token back (the same dir on every node)."""
+
     def __init__(self, cache_dir: str):
+        self.dir = cache_dir
         self.path = os.path.join(cache_dir, TOKEN_FILE)
 
     def stamp(self) -> str:
-        """A fresh token, written; returned."""
-        token = uuid.uuid4().hex
-        atomic_write_text(self.path, token)
-        return token
+        """Take the dir for this job (CacheInUseError if another job holds it) and
+        write a fresh token; returns it."""
+        return lock.acquire(self.path, self.dir)
 
     def read(self) -> Optional[str]:
+        held = lock.held_token(self.path)  # rank 0: through the fd it holds the lock by
+        if held is not None:
+            return held
         try:
             with open(self.path) as f:
-                return f.read().strip()
+                rec = lock.parse_record(f.read())
         except FileNotFoundError:
             return None
+        return rec["token"] if rec else None

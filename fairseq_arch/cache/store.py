@@ -4,10 +4,12 @@ state, flags, shards, epoch_tables) names cache files.
 
 Layout of ``--arch-cache-dir``::
 
-    layout.json            fingerprint: data sizes, dims, p, seed, dtype, K, sides (layout.py)
+    layout.json            fingerprint: data sizes and tokens, dims, p, seed, dtype, K, sides, the
+                           ball, EMA, recipe: what changes what is stored (layout.py)
     cached_ids.npy         sorted dataset indices of the cached sentences (M) (layout.py)
-    owner.token            a fresh token of the process group that opened the dir: every
-                           rank must read rank 0's back (one dir shared by all nodes) (state.py)
+    owner.token            the lock of the one job that uses the dir, and its holder (host, pid,
+                           start, a fresh token of its process group): every rank must read
+                           rank 0's token back (one dir shared by all nodes) (lock.py, state.py)
     state.json             which generation is current / being written (state.py)
     gen-e0001/             one generation per refresh epoch (here epoch 1)
         source.bin         M ragged token rows of the source side, [sum len x C] raw dtype
@@ -38,6 +40,7 @@ and only the touched pages are resident. Rows of a refresh reach the ``.bin`` fi
 through per-rank shards that rank 0 merges (shards.py: why, on NFS).
 """
 
+import logging
 import os
 import shutil
 from typing import Dict, List, Optional, Sequence
@@ -46,12 +49,14 @@ import numpy as np
 
 from .epoch_tables import EpochNeighborTables
 from .faults import fault_point
-from .files import (DAMAGED, CacheCorruptError, atomic_save_npy, atomic_write_json, check_size, crc32_problem,
-                    disk_error, file_crc32, read_json_dict)
+from .files import (DAMAGED, CacheCorruptError, CacheMismatchError, atomic_save_npy, atomic_write_json, check_size,
+                    crc32_problem, disk_error, file_crc32, load_npy, make_cache_dir, read_json_dict)
 from .flags import WRITTEN, WriteFlags
 from .layout import CacheLayout
 from .shards import ShardLog
-from .state import EMPTY_STATE, OwnerToken, StateFile
+from .state import EMPTY_STATE, OwnerToken, StateFile, holds_nothing
+
+logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 # the per-side arrays of a generation, by what they hold
@@ -63,8 +68,9 @@ class PerturbationCacheStore(CacheLayout):
     batches."""
 
     def __init__(self, cache_dir: str, src_sizes: np.ndarray, tgt_sizes: np.ndarray, dims: Dict[str, int],
-                 fraction: float, seed: int, dtype: str, num_neighbors: int, rank: int = 0):
-        super().__init__(cache_dir, src_sizes, tgt_sizes, dims, fraction, seed, dtype, num_neighbors)
+                 fraction: float, seed: int, dtype: str, num_neighbors: int, rank: int = 0, **stored):
+        # stored: the other settings that change what is stored (CacheLayout: ball, ema, recipe, tokens)
+        super().__init__(cache_dir, src_sizes, tgt_sizes, dims, fraction, seed, dtype, num_neighbors, **stored)
         self.rank = int(rank)  # the rank whose shards this process writes
         self.shards = ShardLog(self, self.rank)
         self.epoch_tables = EpochNeighborTables(os.path.join(cache_dir, "neighbors"))
@@ -76,10 +82,22 @@ class PerturbationCacheStore(CacheLayout):
     # -- layout and owner token ---------------------------------------------------
 
     def create_or_check(self) -> str:
-        """Rank 0: make the layout (or check an existing one against this run) and
-        stamp the dir with a fresh token; returns the token."""
-        os.makedirs(self.dir, exist_ok=True)
-        if not self.check_existing():
+        """Rank 0: take the dir for this job (one job at a time: lock.py), make the layout
+        (or check an existing one against this run) and stamp the dir with a fresh token;
+        returns the token. The settings are checked before anything is written; a layout
+        that holds no perturbations yet is replaced by this run's (nothing is lost)."""
+        self.check_settings()
+        make_cache_dir(self.dir)  # refused naming --arch-cache-dir: a file, read-only, not creatable
+        token = self.token.stamp()  # CacheInUseError while another job holds the dir
+        try:
+            exists = self.check_existing()
+        except CacheMismatchError as e:
+            if not holds_nothing(self.dir):
+                raise
+            logger.warning(f"ARCH cache: {e} -- but it holds no perturbations yet: replacing its layout with "
+                           "this run's")
+            exists = False
+        if not exists:
             # layout.json is written last when a cache dir is made: without it the dir is
             # new (or its creation was cut short), unless generations exist -- then it was
             # lost, and remaking the layout would reset state.json and orphan them
@@ -89,7 +107,7 @@ class PerturbationCacheStore(CacheLayout):
             self.write_ids()
             self.write_state(dict(EMPTY_STATE))
             atomic_write_json(self.layout_path, self.fingerprint)
-        return self.token.stamp()
+        return token
 
     def read_token(self) -> Optional[str]:
         return self.token.read()
@@ -143,8 +161,8 @@ class PerturbationCacheStore(CacheLayout):
             os.replace(tmp, d)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise disk_error(e, f"creating cache generation {d} "
-                                f"({sum(self.expected_bytes(s) for s in self.sides)} bytes)") from e
+            raise disk_error(e, f"creating cache generation {d}", sum(self.expected_bytes(s) for s in self.sides),
+                             where=self.dir) from e
 
     def perturbation_rows(self, name: str, side: str) -> np.ndarray:
         """Every cached token row of a side (``sum len x C``, memory-mapped, read-only)."""
@@ -238,15 +256,12 @@ class PerturbationCacheStore(CacheLayout):
         return os.path.join(self.gen_dir(name), side + ARRAYS[kind])
 
     def save_array(self, name: str, side: str, kind: str, arr: np.ndarray) -> None:
-        path = self._array_path(name, side, kind)
-        try:
-            atomic_save_npy(path, arr)
-        except OSError as e:
-            raise disk_error(e, f"writing {path}") from e
+        atomic_save_npy(self._array_path(name, side, kind), arr)  # a full disk: CacheIOError naming it
 
     def load_array(self, name: str, side: str, kind: str) -> np.ndarray:
-        """A generation's array, memory-mapped."""
-        return np.load(self._array_path(name, side, kind), mmap_mode="r")
+        """A generation's array, memory-mapped; a missing or unreadable one is a damaged
+        cache (CacheCorruptError naming it), not a traceback from numpy."""
+        return load_npy(self._array_path(name, side, kind))
 
     def has_array(self, name: str, side: str, kind: str) -> bool:
         return os.path.exists(self._array_path(name, side, kind))
@@ -269,12 +284,13 @@ class PerturbationCacheStore(CacheLayout):
         """Detect truncated or modified files of a complete generation."""
         d = self.gen_dir(name)
         if not self.is_complete(name):
-            raise CacheCorruptError(f"{d} is not a complete cache generation ({COMPLETE} missing)")
+            raise CacheCorruptError(f"{os.path.join(d, COMPLETE)} is missing: {d} is not a complete cache "
+                                    f"generation; {DAMAGED}")
         for side in self.sides:
             check_size(self._bin(name, side), self.expected_bytes(side))
         problem = crc32_problem(d, self.generation_info(name).get("crc32", {}))
         if problem is not None:
-            raise CacheCorruptError(f"{problem}; delete the cache dir to recompute it")
+            raise CacheCorruptError(f"{problem}: {DAMAGED}")
 
     def remove_generations_except(self, keep: Sequence[str]) -> None:
         self.close_maps()

@@ -34,6 +34,7 @@ from ..methods.kl_regularised import AscentObjective
 from ..methods.space import PerturbationSpace
 from ..perturbation import Teacher, sentence_norms
 from ..registration import register_once
+from ..validation import refuse_non_finite
 
 
 @dataclass
@@ -102,6 +103,7 @@ def with_recipe_defaults(cfg, task):
 
 def validate_adv_config(cfg) -> None:
     """Fail at start, naming the option."""
+    refuse_non_finite(cfg, AdversarialLabelSmoothedCrossEntropyCriterionConfig)
     for name, value, ok, want in (("--adv-lambda", cfg.adv_lambda, cfg.adv_lambda >= 0, ">= 0"),
                                   ("--adv-eps", cfg.adv_eps, cfg.adv_eps > 0, "> 0"),
                                   ("--adv-steps", cfg.adv_steps, cfg.adv_steps >= 0, ">= 0"),

@@ -26,6 +26,7 @@ from ..cache_math import REBUILD_NORMS
 from ..distributed import all_gather_object
 from ..injection import checkpointed
 from ..registration import register_once
+from ..validation import left_out_message, left_out_of_batches, refuse_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,13 @@ class ArchTranslationConfig(TranslationConfig):
     )
     save_dir: str = II("checkpoint.save_dir")
     seed: int = II("common.seed")
+    # read for the start-of-run warning on --arch-first-refresh-epoch beyond --max-epoch
+    max_epoch: int = II("optimization.max_epoch")
 
 
 def validate_arch_config(cfg) -> None:
     """Fail at start, naming the option, on settings ARCH cannot run with."""
+    refuse_non_finite(cfg, ArchTranslationConfig)
     if not (0.0 < cfg.arch_cache_fraction <= 1.0):
         raise ValueError(f"--arch-cache-fraction must be in (0, 1], got {cfg.arch_cache_fraction}")
     if cfg.arch_neighbors < 1:
@@ -137,6 +141,32 @@ def validate_arch_config(cfg) -> None:
         )
 
 
+def refuse_empty_split(data_path: str, split: str, src: str, tgt: str) -> None:
+    """ValueError naming the file when ``split``'s binarized data (fairseq-preprocess's
+    ``.bin`` / ``.idx``) exists but is empty: fairseq would fail with a bare "cannot mmap
+    an empty file" traceback."""
+    for a, b in ((src, tgt), (tgt, src)):
+        for lang in (src, tgt):
+            for ext in (".bin", ".idx"):
+                path = os.path.join(data_path, f"{split}.{a}-{b}.{lang}{ext}")
+                if os.path.isfile(path) and os.path.getsize(path) == 0:
+                    raise ValueError(
+                        f"{path} is empty (0 bytes): split '{split}' has no sentences. Binarize a non-empty "
+                        f"corpus with fairseq-preprocess (its --trainpref / --validpref files) into {data_path}")
+
+
+def cache_never_used(method, cfg) -> Optional[str]:
+    """The start-of-run warning when ``--arch-first-refresh-epoch`` is beyond
+    ``--max-epoch`` for a method with ARCH's cache (None otherwise)."""
+    max_epoch = getattr(cfg, "max_epoch", None) or 0  # 0: no limit
+    first = cfg.arch_first_refresh_epoch
+    if not getattr(method, "needs_cache", False) or max_epoch <= 0 or first <= max_epoch:
+        return None
+    return (f"--arch-first-refresh-epoch {first} is beyond --max-epoch {max_epoch}: --adv-method "
+            f"{method.name} never runs; every epoch trains plain label-smoothed cross-entropy. Lower "
+            f"--arch-first-refresh-epoch or raise --max-epoch")
+
+
 @register_once(TASK_REGISTRY, register_task, "arch_translation", ArchTranslationConfig)
 class ArchTranslationTask(TranslationTask):
     """Translation whose criterion regularises with cached adversarial perturbations."""
@@ -160,6 +190,8 @@ class ArchTranslationTask(TranslationTask):
         self.arch_cache: Optional[ArchCache] = None
         self.arch_criterion = None  # the criterion build_criterion made (its sides, ball, method)
         self.dummy_batches = 0  # fairseq dummy batches of this rank since the last epoch start
+        self.size_filtered = {}  # id(dataset) -> sentences fairseq filtered for their size
+        self.left_out_reported = set()  # id(dataset) of the splits whose left-out count was checked
 
     @property
     def cache_dir(self) -> str:
@@ -188,6 +220,9 @@ class ArchTranslationTask(TranslationTask):
         # criterion's ball; methods without a cache run on this task too, so that every
         # row of the paper's tables differs by flags only
         self.arch_criterion = criterion
+        message = cache_never_used(criterion.method, self.cfg)
+        if message:
+            logger.warning(message)
         return criterion
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
@@ -196,7 +231,16 @@ class ArchTranslationTask(TranslationTask):
                 "arch_translation caches per training sentence and needs one fixed training set: "
                 f"--data has several ':'-separated shards ({self.cfg.data})"
             )
+        paths = utils.split_paths(self.cfg.data)
+        refuse_empty_split(paths[(epoch - 1) % len(paths)], split, self.cfg.source_lang, self.cfg.target_lang)
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+
+    def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
+        kept = super().filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
+        # fairseq logs these itself (--skip-invalid-size-inputs-valid-test): kept apart from
+        # the sentences its batching leaves out silently (report_left_out)
+        self.size_filtered[id(dataset)] = len(indices) - len(kept)
+        return kept
 
     def get_batch_iterator(self, dataset, *args, seed=1, epoch=1, **kwargs):
         # fairseq 0.12 breaks length-sorting ties with numpy_seed(seed + epoch) of the
@@ -207,8 +251,32 @@ class ArchTranslationTask(TranslationTask):
         if dataset is self.datasets.get(self.cfg.train_subset) and not getattr(self.cfg, "rebuild_batches", False):
             itr = super().get_batch_iterator(dataset, *args, seed=seed + 1 - epoch, epoch=epoch, **kwargs)
             itr.seed = seed
-            return itr
-        return super().get_batch_iterator(dataset, *args, seed=seed, epoch=epoch, **kwargs)
+        else:
+            itr = super().get_batch_iterator(dataset, *args, seed=seed, epoch=epoch, **kwargs)
+        if args:
+            return itr  # positional options (no caller of fairseq's does this): not checked
+        self.report_left_out(dataset, itr, kwargs.get("required_batch_size_multiple", 1),
+                             log=kwargs.get("shard_id", 0) == 0)
+        return itr
+
+    def report_left_out(self, dataset, itr, multiple: int, log: bool = True) -> int:
+        """Sentences of ``dataset`` in none of the iterator's batches (fairseq's batch_by_size
+        drops a last batch whose size is not a multiple of --required-batch-size-multiple,
+        default 8): warned once per split (on rank 0), refused when no sentence is left."""
+        if callable(getattr(itr, "batch_sampler", None)) or id(dataset) in self.left_out_reported:
+            return 0  # --rebuild-batches (batches made at each epoch start), or checked already
+        n, batches = len(dataset), itr.frozen_batches
+        left = left_out_of_batches(n, batches, self.size_filtered.get(id(dataset), 0))
+        split = next((k for k, v in self.datasets.items() if v is dataset), "unnamed")
+        if left and not any(len(b) for b in batches):
+            raise ValueError(f"none of the {n} sentences of '{split}' is in a batch: fairseq's batch_by_size "
+                             f"drops a last batch whose size is not a multiple of --required-batch-size-multiple "
+                             f"{multiple}; use --required-batch-size-multiple 1 (or a larger corpus)")
+        self.left_out_reported.add(id(dataset))
+        message = left_out_message(split, left, n, multiple)
+        if message and log:
+            logger.warning(message)
+        return left
 
     def begin_epoch(self, epoch, model):
         super().begin_epoch(epoch, model)
