@@ -34,6 +34,8 @@ setup(
         # with sacremoses and learns a joint sentencepiece model)
         "sentencepiece",
         "sacremoses>=0.1",
+        # fairseq-interactive's --bpe subword_nmt on fairseq's own IWSLT'14 data (README, Evaluate)
+        "subword-nmt>=0.3.8",
         # faiss is an extra, one of two: faiss-cpu and faiss-gpu* both install the
         # package `faiss`, so having both makes the install order choose (and removing
         # one breaks the other); the plugin refuses that state. Without faiss the

@@ -325,6 +325,23 @@ def peak_rss(work: str, sentences: int) -> dict:
     return out
 
 
+def _rss_missing(rss) -> str:
+    """Why the peak-RSS numbers are absent ('' when they were measured): ``rss`` None, or a dict
+    saying "skipped"/"pending", or (files written before) zeros and NaN ratios."""
+    if not rss:
+        return "not measured: the run had --skip-rss"
+    if rss.get("skipped") or rss.get("pending"):
+        return rss.get("skipped") or rss.get("pending")
+    ratio = rss.get("ratio_arch_vs_none")
+    if not rss.get("none") or ratio is None or ratio != ratio:  # 0 MiB or NaN: never measured
+        return "not measured: the run had --skip-rss"
+    return ""
+
+
+def _pct(share, why="not recorded in this cost.json") -> str:
+    return f"{100 * share:.2f}" if share is not None and share == share else f"n/a ({why})"
+
+
 def markdown(res: dict, rss: dict) -> str:
     c = res["config"]
     lines = [
@@ -340,7 +357,7 @@ def markdown(res: dict, rss: dict) -> str:
         lines.append(
             f"| {m} | {r['seconds']:.3f} | {r['vs_none']:.2f} | {r['vs_smart']:.2f} | {r['fwd_bwd'][0]}/{r['fwd_bwd'][1]} | "
             f"{r['predicted_vs_none']:.2f} | {r['table1_fwd_bwd'][0]}/{r['table1_fwd_bwd'][1]} | "
-            f"{r['table1_predicted_vs_none']:.2f} | {100 * r.get('hot_path_share', float('nan')):.2f} | {r['peak_mib']:.1f} | {r['peak_vs_none']:.2f} | {joint} |")
+            f"{r['table1_predicted_vs_none']:.2f} | {_pct(r.get('hot_path_share'))} | {r['peak_mib']:.1f} | {r['peak_vs_none']:.2f} | {joint} |")
     m = res["methods"]
     share = res["cache_read_rebuild_share_of_reuse_update"]
     disk = sum(res["disk_bytes"].values())
@@ -350,8 +367,19 @@ def markdown(res: dict, rss: dict) -> str:
         ("ARCH amortised <= 0.5 x smart", m["arch (amortised)"]["vs_smart"], 0.5),
         ("cache read + rebuild <= 3% of a reuse update", share, 0.03),
         ("peak memory per update, arch <= 1.15 x none", m["arch (amortised)"]["peak_vs_none"], 1.15),
-        ("peak RSS arch <= 1.1 x none", rss["ratio_arch_vs_none"], 1.1),
+        ("peak RSS arch <= 1.1 x none", None if _rss_missing(rss) else rss["ratio_arch_vs_none"], 1.1),
     ]
+    rss_why = _rss_missing(rss)
+    if rss_why:
+        rss_text = f"Peak RSS of a 3-epoch fairseq-train run: n/a ({rss_why})."
+    else:
+        vs_r3f = rss.get("ratio_arch_vs_r3f")
+        rss_text = (f"Peak RSS of a 3-epoch fairseq-train run: none {rss['none']:.0f} MiB, r3f "
+                    + (f"{rss['r3f']:.0f} MiB" if rss.get("r3f") else "n/a (not measured)")
+                    + f", arch {rss['arch']:.0f} MiB (x{rss['ratio_arch_vs_none']:.3f} none, "
+                    + (f"x{vs_r3f:.3f} r3f" if vs_r3f is not None and vs_r3f == vs_r3f else "r3f ratio n/a: r3f not measured")
+                    + "): the whole process's resident memory, the allocator's cached free memory included; the "
+                    "disk-backed cache adds its page cache only.")
     lines += ["", f"Peak memory: the most tensor bytes alive at once in one train_step on the largest batch "
               f"({res['peak_batch'][0]} sentences x {res['peak_batch'][1]} target positions), every method on the same "
               "batch and model; 'joint backward' = the clean CE and the KL backpropagated together (before the early "
@@ -366,12 +394,13 @@ def markdown(res: dict, rss: dict) -> str:
               f"(ratio {disk / formula:.3f}; p sampled at random). Cache read + neighbour rebuild: "
               f"{share * 100:.2f}% of a reuse update, "
               f"{res['cache_read_rebuild_share_of_amortised_update'] * 100:.2f}% amortised.",
-              f"Peak RSS of a 3-epoch fairseq-train run: none {rss['none']:.0f} MiB, r3f {rss.get('r3f', 0):.0f} MiB, "
-              f"arch {rss['arch']:.0f} MiB (x{rss['ratio_arch_vs_none']:.3f} none, "
-              f"x{rss.get('ratio_arch_vs_r3f', float('nan')):.3f} r3f): the whole process's resident memory, "
-              "the allocator's cached free memory included; the disk-backed cache adds its page cache only.", "", "| goal | measured | met |", "|---|---|---|"]
-    lines += [f"| {g} | {v:.3f} | {'yes' if v <= lim else 'NO'} |" for g, v, lim in goals]
-    return "\n".join(lines)
+              rss_text, "", "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {g} | n/a ({rss_why}) | not measured |" if v is None else
+              f"| {g} | {v:.3f} | {'yes' if v <= lim else 'NO'} |" for g, v, lim in goals]
+    from .plots import figure_lines
+
+    lines += [""] + figure_lines("cost.png", rounds=c["rounds"], steps=c["steps"], tc=c["tc"])
+    return "\n".join(lines).rstrip("\n")
 
 
 def main(args):
@@ -386,11 +415,10 @@ def main(args):
         if not args.skip_rss:
             # the timings first (the RSS runs take minutes): a failed RSS run keeps them, and
             # `--rss-only` measures RSS again from this file
-            nan = float("nan")
-            pending = {"none": 0, "r3f": 0, "arch": 0, "ratio_arch_vs_none": nan, "ratio_arch_vs_r3f": nan}
+            pending = {"pending": "pending: the peak-RSS fairseq-train runs had not finished when this was written"}
             common.write_report(args.out, "cost", dict(res, peak_rss_mb=pending), markdown(res, pending))
     rss = peak_rss(args.work, res["config"]["sentences"]) if not args.skip_rss else {
-        "none": 0, "r3f": 0, "arch": 0, "ratio_arch_vs_none": float("nan"), "ratio_arch_vs_r3f": float("nan")}
+        "skipped": "not measured: the run had --skip-rss"}
     res["peak_rss_mb"] = rss
     res.pop("machine", None), res.pop("date", None)
     common.write_report(args.out, "cost", res, markdown(res, rss))

@@ -649,6 +649,10 @@ def report(args, plan, cfg, extra):
     if SUITE != "quality_v2":  # v2's runs kept no test hypotheses and its report stays as published
         md = "\n".join([md, ""] + significance_lines(args.out, results, info, cfg)
                        + quality_plots.write(args.out, name, info, common.machine()))
+    else:  # the figures benchmarks/plots.py draws from this report's JSON (quality.json), with captions
+        from .plots import figure_lines
+
+        md = "\n".join([md, ""] + figure_lines("bleu_vs_time.png") + figure_lines("gnorm.png")).rstrip("\n")
     # the headline report is v2's until v3 is complete; v3 reports beside it meanwhile
     common.write_report(args.out, name, {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
                                               "runs": [{k: v for k, v in r.items()} for r in results],

@@ -18,6 +18,9 @@ STYLES = {
     "arch-code": ("tab:purple", "^"), "arch-rdrop": ("tab:olive", "v"), "zero-delta": ("tab:pink", "P"),
     "smart": ("tab:red", "X"), "r3f": ("tab:orange", "<"), "freelb": ("tab:brown", ">"),
     "arch-first5": ("tab:cyan", "h"), "arch-p1": ("navy", "*"), "arch-neighbor": ("teal", "p"),
+    "arch-pretrained": ("goldenrod", "d"), "arch-nsearch": ("mediumvioletred", "H"),
+    # cost.json's rows: ARCH's refresh and reuse updates and their Tc-cycle average (in blues)
+    "arch-refresh": ("cornflowerblue", "8"), "arch-reuse": ("deepskyblue", "P"), "arch (amortised)": ("tab:blue", "d"),
 }
 _SPARE_COLORS = ["black", "gold", "darkgreen", "crimson", "slateblue", "sienna", "magenta", "darkorange"]
 _SPARE_MARKERS = ["d", "8", "H", "1", "2", "3", "4", "+", "x"]

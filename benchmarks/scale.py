@@ -160,7 +160,8 @@ def markdown(rows, dim, fraction):
             f"| {r['corpus']} | {r['sentences']:,} | {r['cached']:,} | {r['cache_disk_bytes'] / 2**30:.2f} GiB | "
             f"{r['build_s']:.1f} s | {r['row_means_s']:.1f} s | {r['search_s']['source']:.1f} + {r['search_s']['target']:.1f} s | "
             f"{r['peak_rss_mb']:.0f} MiB | {r['faiss_vs_brute_top1_agreement'] * 100:.1f}% / "
-            f"{r.get('faiss_vs_brute_top1_similarity_agreement', float('nan')) * 100:.1f}% |")
+            + (f"{r['faiss_vs_brute_top1_similarity_agreement'] * 100:.1f}% |"
+               if r.get("faiss_vs_brute_top1_similarity_agreement") is not None else "n/a (not recorded by this run) |"))
         if r.get("search_extrapolated_from_queries"):
             lines.append(f"| | | | | | | (search timed on {r['search_extrapolated_from_queries']:,} queries per side, "
                          "scaled linearly to all) | | |")

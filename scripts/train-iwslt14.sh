@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Train IWSLT'14 De-En / En-De as in the ARCH paper (docs/recipes.md) with fairseq-train.
 #
-#   bash scripts/train-iwslt14.sh [--direction DIR] [--method arch|none|r3f|smart|freelb] [--seed N] [--data DIR] [--official]
-#        [--save-dir DIR] [--max-tokens N] [--batch-tokens N] [--hydra] [--smoke] [--print-args]
+#   bash scripts/train-iwslt14.sh [--direction DIR] [--adv-method arch|none|r3f|smart|freelb|rdrop] [--seed N]
+#        [--data DIR] [--official] [--save-dir DIR] [--max-tokens N] [--batch-tokens N] [--hydra] [--smoke] [--print-args]
 #        [-- EXTRA fairseq-train ARGS]
 #
-# Directions: de-en (default), en-de. Method: arch (default); none is the Transformer row of Tables 2-3.
+# Directions: de-en (default), en-de. --adv-method: arch (default); none is the Transformer row of Tables 2-3; rdrop is R-Drop
+# (--adv-lambda 5, its alpha). Flags keep fairseq-train's names (--adv-method, --seed, --save-dir, --max-tokens,
+# --arch-neighbor-embeddings); the old --method still works (deprecated).
 # Data: the output of scripts/prepare-iwslt14.sh (default data/iwslt14). Checkpoints: checkpoints/iwslt14-DIR-METHOD-seedN
 # (--seed N, default 1; `-- --seed` is refused). Best checkpoint by validation BLEU (Table 7 decoding).
 # --update-freq is computed from the GPUs found so that max-tokens x GPUs x update-freq reaches the

@@ -403,7 +403,7 @@ def test_train_iwslt14_smoke_then_resume_then_evaluate(iwslt14, tmp_path):
     assert int(re.search(r"arch_rebuilt (\d+)", summary).group(1)) > 0
     assert json.load(open(save / "arch_cache" / "state.json"))["current"]["epoch"] == 1
 
-    ev = ok(run("evaluate.sh", "iwslt14", "--smoke", "--data", out, "--checkpoint-dir", save))
+    ev = ok(run("evaluate.sh", "iwslt14", "--smoke", "--data", out, "--save-dir", save))
     assert "beam 9, lenpen 1.5 (Table 7)" in ev
     # tokenised BLEU against the prepared text/test.en (not the reference rebuilt from bin/)
     assert re.search(rf"^BLEU \(tokenised, vs {re.escape(str(out))}/text/test.en; .*\) [0-9.]+", ev, re.M), ev
@@ -417,6 +417,38 @@ def test_train_iwslt14_smoke_then_resume_then_evaluate(iwslt14, tmp_path):
     assert sc["bleu"] == round(score.tokenized_bleu(lines(save / "eval-test" / "hyp.tok.en"),
                                                     lines(out / "text" / "test.en")).score, 2)
     assert sc["recipe"]["seed"] == 1 and isinstance(sc["at_length_limit"], int) and "bleu_compound_split" not in sc
+    export_folder_translates_plain_text(out, save, tmp_path)
+
+
+def export_folder_translates_plain_text(data, save, tmp_path):
+    """scripts/export_checkpoint.py --folder on a recipe run: the folder holds the dictionaries and the
+    prepare step's sentencepiece model, model.pt names the Moses tokenizer (the recipe's text is
+    Moses-tokenised), and from_pretrained(folder) alone, in a process without the plugin, translates
+    untokenised text."""
+    folder = tmp_path / "export"
+    res = utils.run([sys.executable, os.path.join(SCRIPTS, "export_checkpoint.py"), str(save / "checkpoint_best.pt"),
+                     str(folder), "--folder"], env=ENV, capture_output=True, text=True)
+    log = ok(res)
+    # a recipe run's checkpoint keeps --eval-bleu's numpy meters: the export turns them into tensors
+    assert "loads with torch.load(weights_only=True)" in log, log
+    assert sorted(os.listdir(folder)) == ["README.md", "dict.de.txt", "dict.en.txt", "model.pt",
+                                          "sentencepiece.bpe.model"], log
+    assert (folder / "sentencepiece.bpe.model").read_bytes() == (data / "spm.model").read_bytes()
+    assert "lowercase the input" in log  # IWSLT'14 is lowercased by its recipe
+    sources = [l.lower() for l in lines(data / "ref" / "test.de")[:3]]  # untokenised text
+    code = ("import json, sys\n"
+            "from fairseq.models.transformer import TransformerModel\n"
+            "m = TransformerModel.from_pretrained(sys.argv[1])\n"
+            "assert type(m.tokenizer).__name__ == 'MosesTokenizer' and type(m.bpe).__name__ == 'SentencepieceBPE'\n"
+            "print('OUT ' + json.dumps(m.translate(json.loads(sys.argv[2]), beam=2)))\n"
+            "assert not [k for k in sys.modules if k.startswith('fairseq_arch')], 'plugin imported'\n")
+    env = {k: v for k, v in ENV.items() if k not in ("PYTHONPATH", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    res = utils.run([sys.executable, "-c", code, str(folder), json.dumps(sources)], env=env, capture_output=True,
+                    text=True, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    hyps = json.loads(next(l[4:] for l in res.stdout.splitlines() if l.startswith("OUT ")))
+    assert len(hyps) == 3 and all(isinstance(h, str) for h in hyps) and any(h.strip() for h in hyps), hyps
+    assert not [h for h in hyps if "\u2581" in h]  # sentencepiece pieces decoded
 
 
 def test_hydra_yaml_run_dir_resumes_and_evaluate_finds_it(iwslt14, tmp_path):
@@ -460,7 +492,7 @@ def test_train_and_evaluate_print_paper_settings():
     assert a["--adam-betas"] == "(0.9, 0.98)" and a["--lr"] == "1e-3" and a["--label-smoothing"] == "0.1"
     assert (a["--adv-eps"], a["--adv-steps"], a["--adv-step-size"], a["--arch-refresh-interval"], a["--arch-ema"],
             a["--arch-cache-fraction"], a["--arch-neighbors"]) == ("0.1", "3", "0.1", "15", "0.01", "0.1", "1")
-    a, cmd = args("train.py", "wmt16", "--method", "smart", "--", "--max-update", "7", gpus="8")
+    a, cmd = args("train.py", "wmt16", "--adv-method", "smart", "--", "--max-update", "7", gpus="8")
     assert a["--arch"] == "transformer_vaswani_wmt_en_de_big" and a["--adv-method"] == "smart"
     assert int(a["--max-tokens"]) * 8 * int(a["--update-freq"]) >= 450000 and "--fp16" in cmd
     assert cmd[-2:] == ["--max-update", "7"] and cmd[cmd.index("--max-update") + 1] == "30000"

@@ -31,11 +31,12 @@ def flags(cmd):
 
 def test_seed_names_the_save_dir_and_other_runs_are_not_resumed(tmp_path):
     for seed in (1, 2):
-        res = recipe("train.py", "iwslt15", "--direction", "vi-en", "--method", "none", "--seed", seed, "--print-args")
+        res = recipe("train.py", "iwslt15", "--direction", "vi-en", "--adv-method", "none", "--seed", seed,
+                     "--print-args")
         a = flags(json.loads(res.stdout))
         assert a["--seed"] == str(seed) and a["--save-dir"] == f"checkpoints/iwslt15-vi-en-none-seed{seed}"
     # the old way round (`-- --seed 2`) kept seed 1's save dir and resumed its finished run: refused
-    for extra in (["--seed", "2"], ["--seed=2"], ["--save-dir", "x"]):
+    for extra in (["--seed", "2"], ["--seed=2"], ["--save-dir", "x"], ["--adv-method", "none"]):
         res = recipe("train.py", "iwslt14", "--print-args", "--", *extra)
         assert res.returncode == 2 and "not after `--`" in res.stderr, (extra, res.stderr)
     # a save dir that holds another seed's (or method's) run is refused before anything starts
@@ -46,7 +47,7 @@ def test_seed_names_the_save_dir_and_other_runs_are_not_resumed(tmp_path):
     save.mkdir()
     (save / "recipe.json").write_text(json.dumps({"dataset": "iwslt14", "direction": "de-en", "method": "arch",
                                                   "seed": 1}))
-    for args, why in ((["--seed", "2"], "seed 1 there, 2 asked"), (["--method", "none"], "method 'arch' there")):
+    for args, why in ((["--seed", "2"], "seed 1 there, 2 asked"), (["--adv-method", "none"], "method 'arch' there")):
         res = recipe("train.py", "iwslt14", "--data", data, "--save-dir", save, *args)
         assert res.returncode == 2 and "holds another run" in res.stderr and why in res.stderr, res.stderr
     # ... and so is a checkpoint without recipe.json (an older run: its seed is unknown)
@@ -163,3 +164,63 @@ def test_evaluate_scores_against_the_prepared_text(tmp_path, capsys):
     with pytest.raises(ValueError):  # a hypothesis missing
         evaluate.score_log("\n".join(l for l in log if not l.startswith("D-2")), str(data), "test", "de", {},
                            str(tmp_path / "o3"))
+
+
+def test_rdrop_is_a_recipe_method_with_its_own_weight():
+    """rdrop trains with R-Drop's alpha (--adv-lambda 5, Liang et al. 2021's IWSLT'14 De-En setting), set
+    once in the command, and through --hydra as an override; the other methods keep --adv-lambda 1."""
+    import train
+
+    from fairseq_arch.methods import method_names
+
+    assert "rdrop" in train.METHODS and set(train.METHODS) <= set(method_names())
+    for method, weight in (("rdrop", "5"), ("arch", "1.0"), ("none", "1.0")):
+        cmd = json.loads(recipe("train.py", "iwslt14", "--adv-method", method, "--print-args").stdout)
+        assert cmd.count("--adv-lambda") == 1 and flags(cmd)["--adv-lambda"] == weight, method
+        assert flags(cmd)["--adv-method"] == method
+        assert flags(cmd)["--save-dir"] == f"checkpoints/iwslt14-de-en-{method}-seed1"
+    hydra = json.loads(recipe("train.py", "iwslt14", "--adv-method", "rdrop", "--hydra", "--print-args").stdout)
+    assert "criterion.adv_method=rdrop" in hydra and "criterion.adv_lambda=5" in hydra
+    hydra = json.loads(recipe("train.py", "iwslt14", "--hydra", "--print-args").stdout)
+    assert not [x for x in hydra if x.startswith("criterion.adv_lambda")]
+    # the wrappers' --help and the docs name it
+    for script in ("train-iwslt14.sh", "train-iwslt15.sh", "train-iwslt16.sh", "train-wmt16.sh"):
+        res = utils.run(["bash", os.path.join(SCRIPTS, script), "--help"], env=ENV, capture_output=True, text=True)
+        assert "rdrop" in res.stdout and "--adv-method" in res.stdout, script
+    assert "rdrop" in open(os.path.join(utils.REPO, "docs", "recipes.md")).read()
+
+
+# (script, new spelling, old spelling, value) of every renamed recipe flag
+RENAMED = [("train.py", "--adv-method", "--method", "none"),
+           ("train.py", "--arch-neighbor-embeddings", "--neighbor-checkpoint", "random"),
+           ("seeds.py", "--adv-method", "--method", "smart"),
+           ("evaluate.py", "--adv-method", "--method", "r3f"),
+           ("evaluate.py", "--save-dir", "--checkpoint-dir", "ckpt/x"),
+           ("evaluate.py", "--gen-subset", "--subset", "valid"),
+           ("evaluate.py", "--results-path", "--out", "results/x")]
+
+
+@pytest.mark.parametrize("script,new,old,value", RENAMED, ids=lambda x: x if str(x).startswith("--") else None)
+def test_recipe_flags_keep_fairseqs_names_and_the_old_ones_still_work(script, new, old, value, tmp_path):
+    """The documented flag is fairseq's (or the plugin's) name; the recipe's former name gives the same
+    command, with a deprecation note naming the new flag, and is not listed in --help."""
+    with_new = recipe(script, "iwslt14", new, value, "--print-args", cwd=tmp_path)
+    with_old = recipe(script, "iwslt14", old, value, "--print-args", cwd=tmp_path)
+    assert with_new.returncode == with_old.returncode == 0, with_old.stderr
+    default = recipe(script, "iwslt14", "--print-args", cwd=tmp_path)
+    # what --print-args shows: the command (stdout), and evaluate's results dir (stderr)
+    shown = lambda r: (json.loads(r.stdout), [l for l in r.stderr.splitlines() if "deprecated" not in l])  # noqa: E731
+    assert shown(with_new) == shown(with_old) != shown(default)
+    assert f"{old} is deprecated: use {new} (same meaning)" in with_old.stderr
+    assert "deprecated" not in with_new.stderr
+    options = recipe(script, "--help").stdout.split("options:")[1]
+    assert re.search(rf"^  {re.escape(new)}\b", options, re.M) and not re.search(rf"^  {re.escape(old)}\b",
+                                                                                 options, re.M)
+
+
+def test_a_deprecated_flag_is_named_as_typed_in_errors(tmp_path):
+    for flag in ("--arch-neighbor-embeddings", "--neighbor-checkpoint"):
+        res = recipe("train.py", "iwslt14", flag, tmp_path / "missing.pt", "--print-args")
+        assert res.returncode == 2 and f"error: {flag} {tmp_path / 'missing.pt'}: no such file" in res.stderr
+    res = recipe("train.py", "iwslt14", "--method", "nope", "--print-args")
+    assert res.returncode == 2 and "invalid choice: 'nope'" in res.stderr

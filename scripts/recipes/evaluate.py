@@ -13,14 +13,19 @@ against the prepared data's own text:
   fairseq BLEU4      fairseq-generate's own line, for comparison only: its reference is rebuilt from the
                      binarised data (sentencepiece's normalisation, <<unk>> for unknown pieces).
 
-    python scripts/recipes/evaluate.py DATASET [--direction SRC-TGT] [--method M] [--seed N] [--data DIR]
-        [--checkpoint-dir DIR | --path CHECKPOINT] [--subset test|valid] [--out DIR] [-- EXTRA generate ARGS]
+    python scripts/recipes/evaluate.py DATASET [--direction SRC-TGT] [--adv-method M] [--seed N] [--data DIR]
+        [--save-dir DIR | --path CHECKPOINT] [--gen-subset test|valid] [--results-path DIR]
+        [-- EXTRA generate ARGS]
 
 Defaults follow scripts/recipes/train.py (data/DATASET, checkpoints/DATASET-DIRECTION-METHOD-seedN).
 No --max-len-a/b: fairseq's default length limit (200 pieces, --max-len-b 200), as fairseq's
 examples/translation and the official scripts; --max-len-a 1.2 --max-len-b 10 would cut 22 of the 6750
 IWSLT'14 De-En test references (docs/recipes.md). Hypotheses that reach the limit are counted and reported. IWSLT'14 is lowercased by its recipe (as fairseq's prepare-iwslt14.sh): its
-sacreBLEU is case-insensitive (signature case:lc). Scores also go to OUT/scores.json.
+sacreBLEU is case-insensitive (signature case:lc). Scores also go to RESULTS_PATH/scores.json.
+Flags keep fairseq's names: --save-dir (train's checkpoint dir), --path, --gen-subset, --results-path,
+--batch-size (fairseq-generate's), --adv-method, --seed. Old spellings, still accepted but deprecated (a note
+is printed): --method (--adv-method), --checkpoint-dir (--save-dir), --subset (--gen-subset), --out
+(--results-path).
 """
 
 import json
@@ -33,7 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from train import DECODING, USER_DIR, count_gpus, default_save_dir, recipe_cli, recipe_target  # noqa: E402
+from train import DECODING, USER_DIR, add_flag, count_gpus, default_save_dir, recipe_cli, recipe_target  # noqa: E402
+
 
 
 def score_log(text, data, subset, tgt, manifest, out, max_len=200):
@@ -92,16 +98,22 @@ def score_log(text, data, subset, tgt, manifest, out, max_len=200):
 
 def main(argv=None):
     ap, argv, extra = recipe_cli(__doc__, argv)
-    ap.add_argument("--direction")
-    ap.add_argument("--method", default="arch", help="only used for the default checkpoint dir")
-    ap.add_argument("--seed", type=int, default=1, help="only used for the default checkpoint dir (default 1)")
-    ap.add_argument("--data")
-    ap.add_argument("--checkpoint-dir")
-    ap.add_argument("--path", help="checkpoint file (default: CHECKPOINT_DIR/checkpoint_best.pt)")
-    ap.add_argument("--subset", default="test", choices=["test", "valid"])
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--out", help="where hypotheses and logs go (default CHECKPOINT_DIR/eval-SUBSET)")
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--direction", help="SRC-TGT (default: the first of the dataset's directions)")
+    add_flag(ap, "--adv-method", "--method", dest="method", default="arch", metavar="M",
+             help="the method trained, only used for the default --save-dir (default arch)")
+    ap.add_argument("--seed", type=int, default=1, help="only used for the default --save-dir (default 1)")
+    ap.add_argument("--data", help="prepared dir (default data/DATASET, data/DATASET-smoke with --smoke)")
+    add_flag(ap, "--save-dir", "--checkpoint-dir", dest="checkpoint_dir", metavar="DIR",
+             help="the training run's checkpoint dir, train's --save-dir (default "
+                  "checkpoints/DATASET-DIRECTION-METHOD-seedN[-smoke])")
+    ap.add_argument("--path", help="checkpoint file (default: SAVE_DIR/checkpoint_best.pt)")
+    add_flag(ap, "--gen-subset", "--subset", dest="subset", default="test", choices=["test", "valid"],
+             help="split to translate and score (default test)")
+    ap.add_argument("--batch-size", type=int, default=128, help="fairseq-generate's sentences per batch (default 128)")
+    add_flag(ap, "--results-path", "--out", dest="out", metavar="DIR",
+             help="where hypotheses, the generate log and scores.json go (default "
+                  "DIR_OF_PATH/eval-SUBSET)")
+    ap.add_argument("--smoke", action="store_true", help="a --smoke run's data and checkpoints")
     ap.add_argument("--print-args", action="store_true", help="print the fairseq-generate command and exit")
     a = ap.parse_args(argv)
     e, smoke, direction = recipe_target(ap, a)
@@ -119,6 +131,7 @@ def main(argv=None):
     cmd += ["--cpu"] if gpus == 0 else ["--fp16"]
     cmd += extra
     if a.print_args:
+        print(f"evaluate: results (generate.log, hypotheses, scores.json) would go to {out}", file=sys.stderr)
         print(json.dumps(cmd))
         return 0
     for p, what in ((os.path.join(data, "COMPLETE"), "prepared data dir"), (path, "checkpoint")):

@@ -2,7 +2,7 @@
 """Train and evaluate one row of Tables 2-3 with several seeds, and report the mean and standard
 deviation of the test BLEU over the seeds (Table 2 reports 3 seeds' mean and std).
 
-    python scripts/recipes/seeds.py DATASET [--direction SRC-TGT] [--method M] [--seeds 1,2,3]
+    python scripts/recipes/seeds.py DATASET [--direction SRC-TGT] [--adv-method M] [--seeds 1,2,3]
         [--data DIR] [--smoke] [--report-only] [--print-args] [-- EXTRA fairseq-train ARGS]
 
 For each seed N: scripts/recipes/train.py DATASET --seed N (its own save dir
@@ -12,6 +12,8 @@ Then one line per seed and mean +- std (sample standard deviation, n-1) of each 
 checkpoints/DATASET-DIRECTION-METHOD-seeds.json. Seeds whose test hypotheses are identical are reported:
 two "seeds" that are one model make the std meaningless. --report-only skips training and evaluation and
 reports the scores already there. --print-args prints the commands (JSON) without running them.
+--adv-method is fairseq's name (the plugin's --adv-method); the old spelling --method M (e.g. --method none)
+is still accepted but deprecated (a note is printed).
 """
 
 import json
@@ -23,7 +25,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from train import METHODS, default_save_dir, recipe_cli, recipe_target  # noqa: E402
+from train import METHODS, add_flag, default_save_dir, recipe_cli, recipe_target  # noqa: E402
 
 METRICS = ["bleu", "bleu_compound_split", "sacrebleu"]
 
@@ -72,11 +74,12 @@ def report(save_dirs, out=sys.stdout):
 
 def main(argv=None):
     ap, argv, extra = recipe_cli(__doc__, argv)
-    ap.add_argument("--direction")
-    ap.add_argument("--method", default="arch", choices=METHODS)
+    ap.add_argument("--direction", help="SRC-TGT (default: the first of the dataset's directions)")
+    add_flag(ap, "--adv-method", "--method", dest="method", default="arch", choices=METHODS,
+             help="regularizer, fairseq's --adv-method (default arch; none = the Transformer rows)")
     ap.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
-    ap.add_argument("--data")
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--data", help="prepared dir (default data/DATASET, data/DATASET-smoke with --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 2 epochs on a smoke data dir (CI)")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the scores already there")
     ap.add_argument("--print-args", action="store_true", help="print the commands as JSON and exit")
     a = ap.parse_args(argv)
@@ -87,7 +90,7 @@ def main(argv=None):
         ap.error("--seeds takes integers, e.g. 1,2,3")
     if len(set(seeds)) != len(seeds) or not seeds:
         ap.error("--seeds: give distinct seeds")
-    common = [a.dataset, "--direction", direction, "--method", a.method] + (["--data", a.data] if a.data else []) \
+    common = [a.dataset, "--direction", direction, "--adv-method", a.method] + (["--data", a.data] if a.data else []) \
         + (["--smoke"] if smoke else [])
     py = sys.executable
     cmds = []

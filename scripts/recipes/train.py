@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
 """Train one experiment of the paper's Tables 2-3 with fairseq-train (the paper's hyper-parameters).
 
-    python scripts/recipes/train.py DATASET [--direction SRC-TGT] [--method arch|none|r3f|smart|freelb]
-        [--seed N] [--data DIR] [--save-dir DIR] [--batch-tokens N] [--neighbor-checkpoint CKPT]
-        [--hydra] [--smoke] [--print-args] [-- EXTRA fairseq-train ARGS]
+    python scripts/recipes/train.py DATASET [--direction SRC-TGT] [--adv-method arch|none|r3f|smart|freelb|rdrop]
+        [--seed N] [--data DIR] [--save-dir DIR] [--max-tokens N] [--batch-tokens N]
+        [--arch-neighbor-embeddings CKPT] [--hydra] [--smoke] [--print-args] [-- EXTRA fairseq-train ARGS]
+
+Flags that fairseq-train or the plugin also have keep their names and meaning (--adv-method, --seed,
+--save-dir, --max-tokens, --arch-neighbor-embeddings); the others (--direction, --data, --batch-tokens,
+--official, --hydra, --smoke, --print-args) are the recipe's own.
+Methods: arch (the paper), none (the Transformer rows), r3f, smart, freelb, rdrop (R-Drop: --adv-lambda 5,
+R-Drop's alpha for IWSLT'14 De-En in Liang et al. 2021; the others keep --adv-lambda 1).
 
 Length: 150 epochs for IWSLT (the paper's Fig. 1), 30000 updates for WMT'16 (fairseq's WMT'16 En-De
 reference at this batch; docs/recipes.md checks it against the paper's 176 GPU-hours).
@@ -29,15 +35,16 @@ resume) and one line per epoch is printed as it ends (scripts/progress.py: kind 
 seconds, time left; a line for the running epoch); otherwise (or with --no-progress) fairseq-train
 replaces this process and writes to stdout as usual. The exit status is fairseq-train's either way.
 Neighbours from trained embeddings: by default ARCH's neighbours (Eq. 4) come from the model's own
-embeddings at the end of epoch 1, when they are nearly untrained. --neighbor-checkpoint CKPT takes them
-from a trained checkpoint instead (--arch-neighbor-embeddings CKPT). Make one with a short run without
-regularizer, e.g.
-    bash scripts/train-iwslt14.sh --method none --save-dir checkpoints/iwslt14-nbr -- --max-epoch 5
+embeddings at the end of epoch 1, when they are nearly untrained. --arch-neighbor-embeddings CKPT takes
+them from a trained checkpoint instead. Make one with a short run without regularizer, e.g.
+    bash scripts/train-iwslt14.sh --adv-method none --save-dir checkpoints/iwslt14-nbr -- --max-epoch 5
 (fairseq-train arguments such as --max-epoch go after `--`),
-then train with --neighbor-checkpoint checkpoints/iwslt14-nbr/checkpoint_best.pt (same data dir:
+then train with --arch-neighbor-embeddings checkpoints/iwslt14-nbr/checkpoint_best.pt (same data dir:
 the dictionary must be the same).
 Environment: ARCH_NUM_GPUS overrides the GPU count (the command is printed for that many GPUs),
 ARCH_SMOKE=1 is --smoke.
+Old spellings, still accepted but deprecated (a note is printed): --method M (e.g. --method none) is
+--adv-method M; --neighbor-checkpoint CKPT is --arch-neighbor-embeddings CKPT.
 """
 
 import argparse
@@ -76,8 +83,9 @@ DECODING = {
 ARCH_OPTIONS = [  # App. B.1; spelled out so that the command does not depend on plugin defaults
     "--adv-lambda", "1.0", "--adv-eps", "0.1", "--adv-steps", "3", "--adv-step-size", "0.1",
     "--adv-norm", "l2", "--adv-granularity", "sentence", "--adv-sides", "both",
-    "--arch-refresh-interval", "15", "--arch-ema", "0.01", "--arch-cache-fraction", "0.1",
-    "--arch-neighbors", "1", "--arch-neighbor-embeddings", "model", "--arch-cache-dtype", "float16",
+    "--arch-refresh-interval", "15", "--arch-first-refresh-epoch", "1", "--arch-ema", "0.01",
+    "--arch-cache-fraction", "0.1", "--arch-neighbors", "1", "--arch-neighbor-embeddings", "model",
+    "--arch-rebuild-norm", "paper", "--arch-neighbor-search", "refresh", "--arch-cache-dtype", "float16",
 ]
 # --official (IWSLT'14 De-En): the official code's run.sh (SimiaoZuo/Caching-Adv e5719e3) and its
 # computation (--arch-recipe code): eps 0.3, 2 inner steps of 1e-4, symmetric KL, Tc 15, alpha 0.01,
@@ -85,10 +93,17 @@ ARCH_OPTIONS = [  # App. B.1; spelled out so that the command does not depend on
 OFFICIAL_ARCH_OPTIONS = [
     "--adv-lambda", "1.0", "--adv-eps", "0.3", "--adv-steps", "2", "--adv-step-size", "1e-4",
     "--adv-norm", "l2", "--adv-granularity", "sentence", "--adv-sides", "both", "--adv-kl", "symmetric",
-    "--arch-recipe", "code", "--arch-refresh-interval", "15", "--arch-ema", "0.01", "--arch-cache-fraction", "0.1",
-    "--arch-neighbors", "1", "--arch-neighbor-embeddings", "model", "--arch-cache-dtype", "float32",
+    "--arch-recipe", "code", "--arch-refresh-interval", "15", "--arch-first-refresh-epoch", "1", "--arch-ema", "0.01",
+    "--arch-cache-fraction", "0.1", "--arch-neighbors", "1", "--arch-neighbor-embeddings", "model",
+    "--arch-rebuild-norm", "paper", "--arch-neighbor-search", "refresh", "--arch-cache-dtype", "float32",
 ]
-METHODS = ["arch", "none", "r3f", "smart", "freelb"]
+METHODS = ["arch", "none", "r3f", "smart", "freelb", "rdrop"]
+# a method's own settings, in place of the shared ones above (fairseq flag -> value and its hydra key);
+# R-Drop's alpha is its IWSLT'14 De-En value, used for every dataset here
+METHOD_OPTIONS = {
+    # R-Drop (Liang et al., NeurIPS 2021): alpha 5 for IWSLT'14 De-En; --adv-lambda is R-Drop's alpha
+    "rdrop": {"--adv-lambda": ("5", "criterion.adv_lambda")},
+}
 SMOKE_MODEL = [
     "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
     "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
@@ -98,7 +113,7 @@ SMOKE_MODEL = [
 SMOKE_TRAIN = ["--max-tokens", "1000", "--update-freq", "1", "--max-epoch", "2", "--warmup-updates", "10",
                "--arch-refresh-interval", "2", "--log-interval", "5", "--num-workers", "0"]
 # flags that the recipe owns: passing them after `--` would silently break its bookkeeping
-OWNED_FLAGS = {"--seed": "--seed N", "--save-dir": "--save-dir DIR"}
+OWNED_FLAGS = {"--seed": "--seed N", "--save-dir": "--save-dir DIR", "--adv-method": "--adv-method M"}
 # multi-GPU: the official scripts' no_c10d, fairseq's legacy_ddp; tests/test_distributed.py runs it on CPU
 # over gloo as is (torch's DDP, fairseq's default pytorch_ddp, is tested there only with a CPU shim)
 DDP_BACKEND = "legacy_ddp"
@@ -114,6 +129,51 @@ def count_gpus():
         return torch.cuda.device_count()
     except Exception:
         return 0
+
+
+def method_options(method, official=False):
+    """The regulariser's flags for METHOD: the shared ARCH_OPTIONS (OFFICIAL_ARCH_OPTIONS with --official)
+    with the method's own values (METHOD_OPTIONS) in place, each flag once."""
+    opts = list(OFFICIAL_ARCH_OPTIONS if official else ARCH_OPTIONS)
+    for flag, (value, _) in METHOD_OPTIONS.get(method, {}).items():
+        opts[opts.index(flag) + 1] = value
+    return opts
+
+
+def method_overrides(method):
+    """METHOD_OPTIONS of METHOD as fairseq-hydra-train overrides (KEY=VALUE)."""
+    return [f"{key}={value}" for value, key in METHOD_OPTIONS.get(method, {}).values()]
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: sets the same value as the flag it was renamed to (`new`), prints a
+    note naming that flag, and records the spelling used (Namespace.spelled) for error messages."""
+
+    def __init__(self, option_strings, dest, new=None, **kw):
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prog = os.path.splitext(os.path.basename(parser.prog))[0]
+        print(f"{prog}: {option_string} is deprecated: use {self.new} (same meaning)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+        spelled = dict(getattr(namespace, "spelled", None) or {})
+        spelled[self.dest] = option_string
+        namespace.spelled = spelled
+
+
+def add_flag(ap, flag, old, **kw):
+    """ap.add_argument(flag, **kw) (fairseq's or the plugin's name), plus the recipe's former name OLD as a
+    deprecated alias: still accepted, hidden from --help, a note on stderr when used."""
+    action = ap.add_argument(flag, **kw)
+    ap.add_argument(old, dest=action.dest, action=DeprecatedAlias, new=flag, help=argparse.SUPPRESS,
+                    default=argparse.SUPPRESS, choices=kw.get("choices"), metavar=kw.get("metavar"))
+    return action
+
+
+def spelled(a, dest, flag):
+    """The spelling of FLAG (dest DEST) the user typed: FLAG, or its deprecated alias."""
+    return (getattr(a, "spelled", None) or {}).get(dest, flag)
 
 
 def default_save_dir(dataset, direction, method, seed, smoke=False, official=False):
@@ -157,7 +217,7 @@ def build_command(dataset, direction, method, data, save_dir, gpus, smoke=False,
         "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(WARMUP_UPDATES),
         "--warmup-init-lr", "1e-07", "--weight-decay", str(e["weight_decay"]),
         "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--adv-method", method, *(OFFICIAL_ARCH_OPTIONS if official else ARCH_OPTIONS),
+        "--adv-method", method, *method_options(method, official),
         "--max-tokens", str(max_tokens), "--update-freq", str(update_freq), *length,
         "--save-dir", save_dir, "--no-epoch-checkpoints", *eval_bleu_flags(dataset, direction),
         "--ddp-backend", DDP_BACKEND,
@@ -179,7 +239,7 @@ def build_command(dataset, direction, method, data, save_dir, gpus, smoke=False,
 
 
 def hydra_overrides(dataset, direction, method, data, save_dir, gpus, smoke=False, max_tokens=0, seed=1,
-                    batch_tokens=0, official=False):
+                    batch_tokens=0, official=False, neighbor_embeddings=None):
     """fairseq-hydra-train command for configs/recipes/DATASET_SRC_TGT.yaml with what the YAML cannot know:
     the GPUs found (update_freq, fp16 / cpu), the data and plugin paths (absolute: hydra changes into
     hydra.run.dir), the seed, the method and the run dir (= the save dir; the YAML saves to '.')."""
@@ -193,7 +253,10 @@ def hydra_overrides(dataset, direction, method, data, save_dir, gpus, smoke=Fals
            "--config-name", f"{dataset}_{src}_{tgt}" + ("_official" if official else ""),
            f"task.data={os.path.abspath(os.path.join(data, 'bin'))}", f"common.user_dir={USER_DIR}",
            f"common.seed={seed}", f"criterion.adv_method={method}", f"dataset.max_tokens={max_tokens}",
-           f"optimization.update_freq=[{update_freq}]", f"hydra.run.dir={os.path.abspath(save_dir)}"]
+           f"optimization.update_freq=[{update_freq}]", f"hydra.run.dir={os.path.abspath(save_dir)}",
+           *method_overrides(method)]
+    if neighbor_embeddings:
+        cmd += [f"task.arch_neighbor_embeddings={neighbor_embeddings}"]
     cmd += ["common.cpu=true", "common.fp16=false"] if gpus == 0 else ["common.cpu=false", "common.fp16=true"]
     if smoke:
         cmd += ["model.encoder_layers=1", "model.decoder_layers=1", "model.encoder_embed_dim=32",
@@ -274,18 +337,21 @@ def check_save_dir(save_dir, want):
 def main(argv=None):
     ap, argv, extra = recipe_cli(__doc__, argv)
     ap.add_argument("--direction", help="SRC-TGT (default: the first of the dataset's directions)")
-    ap.add_argument("--method", default="arch", choices=METHODS)
+    add_flag(ap, "--adv-method", "--method", dest="method", default="arch", choices=METHODS,
+             help="regularizer, fairseq's --adv-method (default arch; none = the Transformer rows; rdrop trains "
+                  "with --adv-lambda 5)")
     ap.add_argument("--seed", type=int, default=1, help="fairseq's seed; part of the default save dir (default 1)")
     ap.add_argument("--data", help="prepared dir (default data/DATASET, data/DATASET-smoke with --smoke)")
-    ap.add_argument("--save-dir", help="checkpoints (default checkpoints/DATASET-DIRECTION-METHOD-seedN[-smoke])")
-    ap.add_argument("--max-tokens", type=int, default=0, help="tokens per device per step (default 4096)")
+    ap.add_argument("--save-dir", help="fairseq's checkpoint dir (default "
+                                       "checkpoints/DATASET-DIRECTION-METHOD-seedN[-smoke])")
+    ap.add_argument("--max-tokens", type=int, default=0, help="fairseq's tokens per device per step (default 4096)")
     ap.add_argument("--batch-tokens", type=int, default=0,
                     help="effective batch in tokens (default: the paper's, 64000 IWSLT / 450000 WMT'16; the "
                          "official run.sh trains IWSLT'14 with 4096 = --batch-tokens 4096)")
-    ap.add_argument("--neighbor-checkpoint", metavar="CKPT",
-                    help="word embeddings for ARCH's neighbour search (Eq. 4) from this fairseq checkpoint "
-                         "(--arch-neighbor-embeddings CKPT) instead of the model's own at the end of epoch 1; "
-                         "make it with a short --method none run (see below)")
+    add_flag(ap, "--arch-neighbor-embeddings", "--neighbor-checkpoint", dest="neighbor_checkpoint", metavar="CKPT",
+             help="word embeddings for ARCH's neighbour search (Eq. 4) from this fairseq checkpoint instead of "
+                  "the model's own at the end of epoch 1 (the plugin's flag: also 'model' or 'random'); make "
+                  "the checkpoint with a short --adv-method none run (see below)")
     ap.add_argument("--official", action="store_true",
                     help="IWSLT'14 De-En as the official code's run.sh trains it: its computation (--arch-recipe "
                          "code, eps 0.3, 2 steps of 1e-4, symmetric KL), --share-decoder-input-output-embed, one "
@@ -302,8 +368,8 @@ def main(argv=None):
     e, smoke, direction = recipe_target(ap, a)
     for flag, ours in OWNED_FLAGS.items():
         if any(x == flag or x.startswith(flag + "=") for x in extra):
-            ap.error(f"pass {ours} to the recipe, not after `--` (the recipe names the save dir after the seed "
-                     f"and refuses to resume another seed's run)")
+            ap.error(f"pass {ours} to the recipe, not after `--` (the recipe names the save dir after the method "
+                     f"and seed, and refuses to resume another method's or seed's run)")
     if a.hydra and extra:
         ap.error("--hydra takes no fairseq-train arguments after `--`: override the YAML instead "
                  "(run fairseq-hydra-train with the command --print-args --hydra prints, plus KEY=VALUE)")
@@ -311,18 +377,19 @@ def main(argv=None):
         ap.error("--official is the official code's IWSLT'14 De-En run.sh: use it with iwslt14 --direction de-en")
     data = a.data or os.path.join("data", a.dataset + ("-smoke" if smoke else ""))
     save_dir = a.save_dir or default_save_dir(a.dataset, direction, a.method, a.seed, smoke, a.official)
-    if a.neighbor_checkpoint and not os.path.isfile(a.neighbor_checkpoint):
-        ap.error(f"--neighbor-checkpoint {a.neighbor_checkpoint}: no such file (make it with a short "
-                 "--method none run, see --help)")
-    if a.neighbor_checkpoint and a.hydra:
-        ap.error("--neighbor-checkpoint with --hydra: pass task.arch_neighbor_embeddings=CKPT to fairseq-hydra-train")
+    nbr = a.neighbor_checkpoint
+    if nbr and nbr not in ("model", "random") and not os.path.isfile(nbr):
+        ap.error(f"{spelled(a, 'neighbor_checkpoint', '--arch-neighbor-embeddings')} {nbr}: no such file (give "
+                 "a fairseq checkpoint, 'model' or 'random'; make a checkpoint with a short --adv-method none "
+                 "run, see --help)")
     gpus = count_gpus()
     cmd, batch, update_freq = build_command(a.dataset, direction, a.method, data, save_dir, gpus, smoke,
                                             a.max_tokens, extra, neighbor_checkpoint=a.neighbor_checkpoint,
                                             seed=a.seed, batch_tokens=a.batch_tokens, official=a.official)
     if a.hydra:
         cmd = hydra_overrides(a.dataset, direction, a.method, data, save_dir, gpus, smoke, a.max_tokens, a.seed,
-                              a.batch_tokens, a.official)
+                              a.batch_tokens, a.official,
+                              neighbor_embeddings=os.path.abspath(nbr) if nbr and os.path.isfile(nbr) else nbr)
     devices = max(gpus, 1)
     max_tokens = 1000 if smoke else (a.max_tokens or e["max_tokens"])
     target = a.batch_tokens or (max_tokens if a.official else e["batch_tokens"])
