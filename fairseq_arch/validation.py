@@ -10,6 +10,7 @@ testable without fairseq.
 """
 
 import dataclasses
+import importlib.util
 import math
 import typing
 from typing import Iterable, List, Optional, Sequence
@@ -70,3 +71,21 @@ def left_out_message(split: str, left: int, n_sentences: int, multiple: int) -> 
              else "fairseq's batching left them out")
     return (f"{left} of {n_sentences} sentences of '{split}' are in no batch: every epoch leaves the same ones "
             f"out. {cause}")
+
+
+def bf16_problem(bf16: bool, tpu: bool, has_xla: bool) -> Optional[str]:
+    """fairseq 0.12 turns --bf16 into --tpu (fairseq/options.py) and its Trainer then asks
+    torch_xla for a device: without torch_xla the run dies with an AttributeError before the
+    first batch, on CUDA as on CPU. The message names what works instead."""
+    if not (bf16 and tpu) or has_xla:
+        return None
+    return ("--bf16: fairseq 0.12 trains in bf16 only on TPUs (it sets --tpu and needs torch_xla, which is not "
+            "installed), so it would stop before the first batch. On a GPU use --amp (mixed precision with "
+            "dynamic loss scaling) or --fp16; on a CPU leave both out")
+
+
+def refuse_bf16_without_xla(cfg) -> None:
+    problem = bf16_problem(bool(getattr(cfg, "bf16", False)), bool(getattr(cfg, "tpu", False)),
+                           importlib.util.find_spec("torch_xla") is not None)
+    if problem:
+        raise ValueError(problem)

@@ -247,9 +247,9 @@ def train_run(data, save, smoke, extra=()):
 
 
 PRECISIONS = {"fp32": [], "fp16": ["--fp16"], "amp": ["--amp"], "bf16": ["--bf16"]}
-# fairseq 0.12's --bf16 "implies --tpu": on CUDA it stops before training (AttributeError:
-# 'NoneType' object has no attribute 'xla_device', H200 run of 2026-11-26), whatever the
-# criterion; so it is not in the default list (--precisions fp32,fp16,amp,bf16 runs it anyway)
+# fairseq 0.12's --bf16 "implies --tpu": without torch_xla the plugin refuses it at start, naming
+# --amp and --fp16 (fairseq_arch/validation.py); not in the default list (--precisions ...,bf16
+# checks that refusal)
 DEFAULT_PRECISIONS = "fp32,fp16,amp"
 
 

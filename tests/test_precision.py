@@ -194,13 +194,28 @@ def test_bf16_rounds_r3f_noise_away_and_the_floor_keeps_it(data_dir, tmp_path):
     (["--fp16", "--adv-init-scale", "2e-4"], False),
     ([], False),
 ])
-def test_r3f_noise_below_the_precision_warns_at_start(data_dir, tmp_path, caplog, flags, warns):
+def test_r3f_noise_below_the_precision_warns_at_start(data_dir, tmp_path, caplog, monkeypatch, flags, warns):
+    if "--bf16" in flags:  # as on a TPU host with torch_xla, the one place fairseq 0.12 runs --bf16
+        from fairseq_arch.criterions import adversarial_label_smoothed_cross_entropy as crit
+
+        monkeypatch.setattr(crit, "refuse_bf16_without_xla", lambda cfg: None)
     with caplog.at_level(logging.WARNING, logger="fairseq_arch.methods.r3f"):
         utils.build_components(data_dir, ["--adv-method", "r3f", *flags], save_dir=str(tmp_path))
     msgs = [r.getMessage() for r in caplog.records if "rounded away" in r.getMessage()]
     assert bool(msgs) is warns, msgs
     if warns:
         assert "--adv-init-scale" in msgs[0] and flags[0] in msgs[0]
+
+
+def test_bf16_without_torch_xla_is_refused_at_start_naming_what_works(data_dir, tmp_path):
+    """fairseq 0.12's --bf16 sets --tpu; without torch_xla its Trainer died with "'NoneType'
+    object has no attribute 'xla_device'" before the first batch (CPU and CUDA alike)."""
+    from fairseq_arch.validation import bf16_problem
+
+    with pytest.raises(ValueError, match=r"--bf16: .*use --amp .* or --fp16"):
+        utils.build_components(data_dir, ["--adv-method", "arch", "--bf16"], save_dir=str(tmp_path))
+    assert bf16_problem(True, True, has_xla=True) is None  # a TPU host runs it
+    assert bf16_problem(False, False, has_xla=False) is None
 
 
 # -- 7. --checkpoint-activations --------------------------------------------------------------

@@ -34,7 +34,7 @@ from ..methods.kl_regularised import AscentObjective
 from ..methods.space import PerturbationSpace
 from ..perturbation import Teacher, sentence_norms
 from ..registration import register_once
-from ..validation import refuse_non_finite
+from ..validation import refuse_bf16_without_xla, refuse_non_finite
 
 
 @dataclass
@@ -79,6 +79,7 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
     # the model's precision: an R3F noise below its resolution is rounded away (methods/r3f.py)
     fp16: bool = II("common.fp16")
     bf16: bool = II("common.bf16")
+    tpu: bool = II("common.tpu")  # fairseq 0.12 sets it with --bf16 (validation.bf16_problem)
 
 
 # --adv-eps, --adv-steps, --adv-step-size, --adv-kl when unset: the paper's App. B.1, or the
@@ -104,6 +105,7 @@ def with_recipe_defaults(cfg, task):
 def validate_adv_config(cfg) -> None:
     """Fail at start, naming the option."""
     refuse_non_finite(cfg, AdversarialLabelSmoothedCrossEntropyCriterionConfig)
+    refuse_bf16_without_xla(cfg)
     for name, value, ok, want in (("--adv-lambda", cfg.adv_lambda, cfg.adv_lambda >= 0, ">= 0"),
                                   ("--adv-eps", cfg.adv_eps, cfg.adv_eps > 0, "> 0"),
                                   ("--adv-steps", cfg.adv_steps, cfg.adv_steps >= 0, ">= 0"),
