@@ -1,4 +1,4 @@
-"""python -m benchmarks {cost,scale,quality,plots,all,probe} [options] — see README, "Benchmarks".
+"""python -m benchmarks {cost,scale,refresh-scale,ops,quality,plots,all,probe} [options] — see README, "Benchmarks".
 
 probe (not part of all): python -m benchmarks probe --checkpoint CKPT --data DATA_BIN [--sentences 256]."""
 
@@ -15,7 +15,7 @@ def main():
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("what", choices=["cost", "scale", "quality", "plots", "all", "probe"])
+    ap.add_argument("what", choices=["cost", "scale", "refresh-scale", "ops", "quality", "plots", "all", "probe"])
     ap.add_argument("--out", default="benchmarks/results", help="where the .md/.json/.png go")
     ap.add_argument("--work", default="/tmp/arch-bench", help="scratch space (data-bin, checkpoints, caches)")
     ap.add_argument("--sentences", type=int, default=None,
@@ -28,6 +28,9 @@ def main():
                     help="cost: a fairseq --arch instead of the benchmark's model (e.g. transformer_wmt_en_de_big)")
     ap.add_argument("--rss-only", action="store_true", help="cost: re-measure peak RSS only, keep the timings in cost.json")
     ap.add_argument("--scales", default="tatoeba,1000000", help="scale: comma list of 'tatoeba' or a sentence count")
+    ap.add_argument("--refresh-scales", default="45000,150000,300000",
+                    help="refresh-scale: comma list of synthetic pair counts (p=0.1; not part of all)")
+    ap.add_argument("--refresh-dim", type=int, default=1024, help="refresh-scale: d of the rows and the search")
     ap.add_argument("--seeds", default="1,2,3", help="quality: seeds of the --multi-seed-methods (the others: the first)")
     ap.add_argument("--methods", default="none,arch,arch-neighbor,r3f,smart,rdrop,arch-p1,arch-pretrained,"
                                           "arch-nsearch,arch-first5",
@@ -64,6 +67,16 @@ def main():
         from . import probe
 
         probe.main(a)
+        return
+    if a.what == "refresh-scale":
+        from . import refresh_scale
+
+        refresh_scale.main(a)
+        return
+    if a.what == "ops":
+        from . import ops
+
+        ops.main(a)
         return
     if a.sentences is None:
         a.sentences = 3000

@@ -190,7 +190,13 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
 
     times = {m: [] for m in crits}
     hot_share = {m: [] for m in crits}
-    read_share = []
+    read_share, read_total_share = [], []
+    # reads prepared ahead (issue 22): each reuse update's batch is prefetched when the previous
+    # reuse update starts, as fairseq-train's batch iterator does; the timed read is then what
+    # the step waits for, the reader's stats give the host reads' own time
+    reader = task_use.arch_cache.access
+    stats = reader.ahead.stats if reader.ahead is not None else None
+    reader.prefetch(batches[0]["id"].cpu().numpy())
     fwd, bwd, optim = [], [], []
     rng = random.Random(0)
     live = _progress().Steps("cost round", rounds)  # (`steps` is S)
@@ -207,11 +213,16 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
                 fwd.append(tf), bwd.append(tb), optim.append(to)
                 continue
             read_time["s"] = hot_time["s"] = 0.0
+            if m == "arch-reuse":
+                reader.prefetch(batches[(r + 1) % len(batches)]["id"].cpu().numpy())
+                hidden = -(stats.host_s - stats.wait_s) if stats else 0.0
             dt, _ = _timed(lambda: update(m, batch))
             times[m].append(dt)
             hot_share[m].append(hot_time["s"] / dt)
             if m == "arch-reuse":
                 read_share.append(read_time["s"] / dt)
+                hidden += (stats.host_s - stats.wait_s) if stats else 0.0
+                read_total_share.append((read_time["s"] + hidden) / dt)
         live.done(f"{len(crits)} methods + one forward/backward, batch {r % len(batches) + 1}/{len(batches)}")
 
     peak = peak_memory(crits, task_of, train_step, opt, batches)
@@ -263,6 +274,8 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
         "peak_batch": peak["batch"],
         "forward_s": t_f, "backward_s": t_b, "optimizer_s": t_o,
         "cache_read_rebuild_share_of_reuse_update": statistics.median(read_share),
+        # the read in all, the part a prefetch hid included (= the share above without one)
+        "cache_read_rebuild_total_share_of_reuse_update": statistics.median(read_total_share),
         "cache_read_rebuild_share_of_amortised_update":
             statistics.median(read_share) * med["arch-reuse"] * (tc - 1) / tc / amort,
         "finalize_seconds": finalize_s,
@@ -393,7 +406,9 @@ def markdown(res: dict, rss: dict) -> str:
               f"Cache on disk: {disk / 2**20:.2f} MiB; p x tokens x d x bytes = {formula / 2**20:.2f} MiB "
               f"(ratio {disk / formula:.3f}; p sampled at random). Cache read + neighbour rebuild: "
               f"{share * 100:.2f}% of a reuse update, "
-              f"{res['cache_read_rebuild_share_of_amortised_update'] * 100:.2f}% amortised.",
+              f"{res['cache_read_rebuild_share_of_amortised_update'] * 100:.2f}% amortised (what the step waits "
+              f"for; the read in all, prepared ahead while the previous batch trains: "
+              f"{_pct(res.get('cache_read_rebuild_total_share_of_reuse_update'))}% of a reuse update).",
               rss_text, "", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | n/a ({rss_why}) | not measured |" if v is None else
               f"| {g} | {v:.3f} | {'yes' if v <= lim else 'NO'} |" for g, v, lim in goals]

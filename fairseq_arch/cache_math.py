@@ -84,12 +84,22 @@ def ema_update(cached: Optional[torch.Tensor], fresh: torch.Tensor, alpha: float
     return alpha * cached.float() + (1.0 - alpha) * fresh.float()
 
 
-def _sentence_chunks(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: int):
+# float32 bytes of one chunk of :func:`_sentence_chunks` by default. Sized in bytes, not
+# rows: 2**20 rows were a 4 GiB block at d=1024, and the finalisation's means and sizes
+# ran 2-3x slower than in 64 MiB blocks (issue 22, benchmarks/refresh_scale.py); whole
+# sentences per chunk, so the values do not depend on it
+CHUNK_BYTES = 64 << 20
+
+
+def _sentence_chunks(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: Optional[int]):
     """The ragged row blocks ``flat_rows[offsets[i]:offsets[i+1]]`` in chunks of whole
-    sentences (at most ``chunk_rows`` rows, or one sentence): ``(start, end, block,
-    starts, lengths)`` per chunk holding rows, where ``block`` is the float32 rows of
-    sentences ``start:end``, ``starts`` where each begins in it and ``lengths`` their
-    rows. ``flat_rows`` may be a memory map: memory stays bounded by ``chunk_rows x C``."""
+    sentences (at most ``chunk_rows`` rows, default :data:`CHUNK_BYTES` of float32, or
+    one sentence): ``(start, end, block, starts, lengths)`` per chunk holding rows, where
+    ``block`` is the float32 rows of sentences ``start:end``, ``starts`` where each begins
+    in it and ``lengths`` their rows. ``flat_rows`` may be a memory map: memory stays
+    bounded by ``chunk_rows x C``."""
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_BYTES // (4 * max(int(flat_rows.shape[1]), 1)))
     m = len(offsets) - 1
     start = 0
     while start < m:
@@ -103,7 +113,7 @@ def _sentence_chunks(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: int
         start = end
 
 
-def row_means(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: int = 1 << 20) -> np.ndarray:
+def row_means(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: Optional[int] = None) -> np.ndarray:
     """Mean over tokens of each ragged row block: ``flat_rows[offsets[i]:offsets[i+1]]``,
     read in chunks of whole sentences (:func:`_sentence_chunks`). Returns ``M x C``
     float32 (zeros for an empty block)."""
@@ -116,7 +126,7 @@ def row_means(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: int = 1 <<
 
 
 def row_norms(flat_rows: np.ndarray, offsets: np.ndarray, norm: str = "l2", granularity: str = "sentence",
-              chunk_rows: int = 1 << 20) -> np.ndarray:
+              chunk_rows: Optional[int] = None) -> np.ndarray:
     """Size of each ragged row block ``flat_rows[offsets[i]:offsets[i+1]]`` in the
     measure of the perturbation ball (the criterion's ``--adv-norm`` and
     ``--adv-granularity``, as in :func:`fairseq_arch.perturbation.project`):

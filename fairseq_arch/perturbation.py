@@ -45,7 +45,13 @@ def masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def ball_norms(delta: torch.Tensor, mask: torch.Tensor, norm: str, granularity: str) -> torch.Tensor:
     """Norm of every sentence (B x 1 x 1) or every token (B x T x 1), padding excluded."""
     _check(norm, granularity)
-    d = masked(delta.float(), mask)
+    return _masked_norms(masked(delta.float(), mask), norm, granularity)
+
+
+def _masked_norms(d: torch.Tensor, norm: str, granularity: str) -> torch.Tensor:
+    """:func:`ball_norms` of a float32 ``d`` whose padding is already zeroed: masking it
+    again (x * 1, 0 * 0) would change no bit and cost ops (issue 22: per side, per
+    projection and ascent step)."""
     dims = (1, 2) if granularity == "sentence" else (2,)
     if norm == "l2":
         return d.pow(2).sum(dim=dims, keepdim=True).sqrt()
@@ -60,15 +66,16 @@ def project(delta: torch.Tensor, mask: torch.Tensor, eps: float, norm: str, gran
     if norm == "linf":
         # the l_inf ball is a box: sentence and word granularity coincide
         return d.clamp(-eps, eps)
-    n = ball_norms(d, mask, norm, granularity)
+    n = _masked_norms(d, norm, granularity)
     return d * (eps / n.clamp_min(_TINY)).clamp(max=1.0)
 
 
 def normalized_direction(grad: torch.Tensor, mask: torch.Tensor, norm: str, granularity: str) -> torch.Tensor:
     """``g / ||g||`` per ball (dual-norm free, scale invariant, so fp16 loss scaling
     cancels out). A zero gradient gives a zero direction instead of NaN."""
+    _check(norm, granularity)
     g = masked(grad.float(), mask)
-    return g / ball_norms(g, mask, norm, granularity).clamp_min(_TINY)
+    return g / _masked_norms(g, norm, granularity).clamp_min(_TINY)
 
 
 def ascent_step(
@@ -99,9 +106,10 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def check_lengths(lengths: Sequence[int], mask: torch.Tensor) -> None:
+def check_lengths(lengths: Sequence[int], mask: torch.Tensor, on_device: Optional[torch.Tensor] = None) -> None:
     """Sample b has ``lengths[b]`` real tokens in ``mask``: checked exactly on the host;
-    on an accelerator by an asynchronous device assert (no sync; fatal if it fails)."""
+    on an accelerator by an asynchronous device assert (no sync; fatal if it fails).
+    ``on_device``: the lengths already on ``mask``'s device (a copy saved)."""
     assert len(lengths) == mask.size(0), f"{len(lengths)} rows for a batch of {mask.size(0)}"
     if mask.device.type == "cpu":
         for b, (n, r) in enumerate(zip(mask.sum(dim=1).tolist(), lengths)):
@@ -110,7 +118,8 @@ def check_lengths(lengths: Sequence[int], mask: torch.Tensor) -> None:
                 "the cache does not belong to this data"
             )
         return
-    want = to_device(torch.as_tensor(list(lengths), dtype=torch.int64), mask.device)
+    want = on_device if on_device is not None else to_device(
+        torch.as_tensor(list(lengths), dtype=torch.int64), mask.device)
     torch._assert_async(mask.sum(dim=1).eq(want).all(),
                         "a cached row and its sample differ in length: the cache does not belong to this data")
 

@@ -18,6 +18,12 @@ Checks (each line: ``[gpu-check] <check> ok|FAIL|skip <what was measured>``):
             bitwise deterministic, so a tolerance)
   ddp       2 GPUs with fairseq's default pytorch_ddp (skipped with one GPU)
   cost      the interleaved cost benchmark (python -m benchmarks cost) on this GPU
+  refresh-wmt  the end of a refresh (RefreshFinalizer: merge, means, sizes, neighbour search on the
+            GPU, checksums) at WMT'16 size, 4.5M synthetic pairs, p=0.1, search d=1024; the rows at
+            --refresh-row-dim (disk) and their stages scaled to d=1024 (benchmarks/refresh_scale.py;
+            several minutes)
+  ops       kernels per update the plugin launches itself (benchmarks/ops.py: reuse reads, seeded
+            init, ascent steps, stores), torch profiler
 """
 
 import argparse
@@ -328,6 +334,32 @@ def check_cost(work, out, smoke, model_arch=None):
          + (f"; peak tensor memory x none: {peaks}" if peaks else "") + (f"; own work: {own}" if own else ""))
 
 
+@guarded("refresh-wmt")
+def check_refresh_wmt(work, smoke, row_dim):
+    from benchmarks import refresh_scale as rs
+
+    dev = "cpu" if smoke else "cuda"
+    n, rdim, sdim = (20_000, 64, 64) if smoke else (rs.WMT_PAIRS, row_dim, rs.WMT_DIM)
+    r = rs.run_scale(n, rdim, sdim, dev, work)
+    st = r["stages_s"]
+    stages = ", ".join(f"{s} {st[s]:.1f}s" for s in rs.STAGES)
+    what = (f"{n:,} pairs ({r['cached']:,} cached), rows d={rdim} ({r['units']['row_bytes'] / 2 ** 30:.1f} GiB), "
+            f"search d={sdim} on {r['backend']}/{dev}: {stages}; finalisation {r['finalize_s']:.0f}s")
+    if not smoke:
+        # the host stages grow with the rows' bytes: this run's, scaled to d=1024 rows
+        full = rs.extrapolate(r)["total"]
+        what += (f"; with d={rs.WMT_DIM} rows {full:.0f}s (goal <= {rs.GOAL_S:.0f}s: "
+                 f"{'met' if full <= rs.GOAL_S else 'NOT met'})")
+    line("refresh-wmt", "ok", what)
+
+
+@guarded("ops")
+def check_ops(work, smoke):
+    from benchmarks import ops
+
+    line("ops", "ok", ops.summary(ops.measure(work, 300 if smoke else 1000)))
+
+
 @guarded("data")
 def prepare_data(work, smoke, pairs):
     t0 = time.perf_counter()
@@ -337,16 +369,32 @@ def prepare_data(work, smoke, pairs):
     return data
 
 
+def run_benchmark_checks(only, args, smoke):
+    """The checks that run a benchmark: cost, cost-big, ops, refresh-wmt."""
+    if "cost" in only:
+        guarded("cost")(check_cost)(args.work, args.out or os.path.join(args.work, "cost"), smoke)
+    if "cost-big" in only:
+        # Transformer-big (d=1024, 6+6 layers: the paper's WMT model) on Multi30k's vocabulary
+        guarded("cost-big")(check_cost)(args.work, os.path.join(args.out or os.path.join(args.work, "cost"), "big"),
+                                        smoke, "transformer_tiny" if smoke else "transformer_wmt_en_de_big")
+    if "ops" in only:
+        check_ops(args.work, smoke)
+    if "refresh-wmt" in only:
+        check_refresh_wmt(args.work, smoke, args.refresh_row_dim)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every check that a CPU can run")
     ap.add_argument("--work", default="/tmp/arch-gpu-check", help="scratch space")
     ap.add_argument("--out", default=None, help="where the cost benchmark's report goes (default: <work>/cost)")
-    ap.add_argument("--only", default="device,search,train,resume,ddp,cost", help="comma list of checks "
+    ap.add_argument("--only", default="device,search,train,resume,ddp,cost,ops,refresh-wmt", help="comma list of checks "
                     "(also: cost-big, the cost benchmark at Transformer-big size)")
     ap.add_argument("--precisions", default=DEFAULT_PRECISIONS,
                     help="train: comma list of fp32,fp16,amp,bf16 (bf16: fairseq 0.12 implies --tpu)")
     ap.add_argument("--pairs", type=int, default=29_000, help="train: Multi30k training pairs (GPU runs)")
+    ap.add_argument("--refresh-row-dim", type=int, default=64,
+                    help="refresh-wmt: d of the cached rows (disk: 4.5M pairs at d=1024 need ~93 GiB with the shards)")
     args = ap.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
     only = set(args.only.split(","))
@@ -386,12 +434,7 @@ def main():
         check_resume(data, args.work, smoke, ref)
     if "ddp" in only:
         check_ddp(data, args.work, smoke)
-    if "cost" in only:
-        guarded("cost")(check_cost)(args.work, args.out or os.path.join(args.work, "cost"), smoke)
-    if "cost-big" in only:
-        # Transformer-big (d=1024, 6+6 layers: the paper's WMT model) on Multi30k's vocabulary
-        guarded("cost-big")(check_cost)(args.work, os.path.join(args.out or os.path.join(args.work, "cost"), "big"),
-                                        smoke, "transformer_tiny" if smoke else "transformer_wmt_en_de_big")
+    run_benchmark_checks(only, args, smoke)
     line("all", "FAIL" if FAILED else "ok", f"{time.perf_counter() - t0:.0f}s"
          + (f"; failed: {', '.join(FAILED)}" if FAILED else ""))
     return 1 if FAILED else 0

@@ -169,7 +169,7 @@ def test_full_disk_while_appending_fails_clearly_and_keeps_whole_records(tmp_pat
     with monkeypatch.context() as m:
         m.setattr(os, "write", half_then_enospc)
         with pytest.raises(RuntimeError, match="no space left on device while writing cache rows to .*"
-                                               "source.r00000.shard.*previous cache generation is intact"):
+                                               "source.r00000.shard.*Nothing already in the cache was changed"):
             s.write_rows(name, "source", [1], [row(s, "source", 1, 2)])
     s.close_maps()
     caplog.set_level(logging.WARNING, logger="fairseq_arch.cache.shards")

@@ -42,3 +42,21 @@ def test_a_failing_check_fails_the_run(tmp_path):
                               env={"ARCH_MULTI30K": str(empty)})
     assert p.returncode != 0
     assert status.get("device") == "ok", lines
+
+
+def test_smoke_refresh_wmt_and_ops(tmp_path):
+    """The issue-22 checks, scaled down on the CPU: the refresh finalisation through the cache
+    code (every stage timed) and the plugin's own op counts per update."""
+    utils.require_shared("multi30k", "tok")
+    p, lines, status = _check(tmp_path, "--only", "refresh-wmt,ops")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert status == {"refresh-wmt": "ok", "ops": "ok", "all": "ok"}, lines
+    refresh = next(l for l in lines if "refresh-wmt" in l)
+    assert "20,000 pairs (2,000 cached)" in refresh, refresh
+    for stage in ("merge", "means", "sizes", "vectors", "search", "checksums"):
+        assert re.search(rf"{stage} [0-9.]+s", refresh), (stage, refresh)
+    ops = next(l for l in lines if "[gpu-check] ops" in l)
+    reads, per_side = map(int, re.search(r"cache reads (\d+) \((\d+) per side\)", ops).groups())
+    assert reads > 0 and per_side > 0, ops
+    assert int(re.search(r"(\d+) per ascent step", ops).group(1)) > 0, ops
+    assert not [d for d in os.listdir(tmp_path) if d.startswith("arch-refresh-")], "cache dir left behind"

@@ -72,7 +72,7 @@ def test_full_disk_fails_clearly_and_keeps_the_previous_generation(data_dir, tmp
         m.setattr(shutil, "copyfile", _enospc_after_half(shutil.copyfile))
         m.setattr(os, "posix_fallocate", _enospc_after_half(os.posix_fallocate))
         with pytest.raises(RuntimeError, match="no space left on device while creating cache generation "
-                                               ".*gen-e0003.*previous cache generation is intact"):
+                                               ".*gen-e0003.*Nothing already in the cache was changed"):
             task.begin_epoch(3, model)  # refresh: the copy into gen-e0003 does not fit
     assert not os.path.exists(os.path.join(cache_dir, "gen-e0003")), "a generation that did not fit was kept"
     assert not os.path.exists(os.path.join(cache_dir, "gen-e0003.tmp")), "the half-written copy was left behind"
@@ -137,7 +137,7 @@ def test_full_disk_on_a_real_tmpfs(data_dir, tmp_path, tiny_fs):
     with open(os.path.join(tiny_fs, "ballast"), "wb") as f:
         f.write(bytes(max(0, st.f_bavail * st.f_frsize - gen_bytes // 2)))
     before = _generation_files(os.path.join(tiny_fs, "gen-e0001"))
-    with pytest.raises(RuntimeError, match="no space left on device.*previous cache generation is intact"):
+    with pytest.raises(RuntimeError, match="no space left on device.*Nothing already in the cache was changed"):
         task.begin_epoch(3, model)  # refresh: the copy into gen-e0003 does not fit
     assert not os.path.exists(os.path.join(tiny_fs, "gen-e0003"))
     assert not os.path.exists(os.path.join(tiny_fs, "gen-e0003.tmp"))

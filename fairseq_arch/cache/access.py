@@ -3,14 +3,16 @@ through a :class:`RefreshWriter` (Eq. 2), a reuse epoch reads through a
 :class:`ReuseReader` (cached rows, Eq. 3 rebuilds); ``ArchCache.begin_epoch`` returns
 the epoch's one."""
 
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .. import cache_math
-from ..perturbation import check_lengths, place_rows, rows_to_host, scatter_rows, to_device
+from ..perturbation import rows_to_host, scatter_rows, to_device
 from .faults import fault_point
+from .read_ahead import HostRead, ReadAhead, ReadStats, finish, host_read
 from .search import NeighborSearch
 from .sizes import RebuildSizer
 from .store import PerturbationCacheStore
@@ -54,6 +56,8 @@ class ReuseReader:
         self.neighbors = neighbors
         self.sizes = sizer.load_sizes(store, generation)
         self.positions = _BatchPositions(store.pos_of)
+        self.ahead: Optional[ReadAhead] = None  # enable_prefetch: reads prepared ahead of the step
+        self._pin = False
 
     @property
     def rebuild_norm(self) -> str:
@@ -78,7 +82,7 @@ class ReuseReader:
         """Eq. 3 rows (``len_b x C`` per sentence) from B x K x C neighbour means."""
         return self.sizer.rows(neighbor_means, lengths, neighbor_sizes)
 
-    def _rebuilt_table(self, side: str, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def rebuilt_table(self, side: str, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One Eq. 3 vector per sentence ``ids`` (uncached): n x C."""
         nbr = np.asarray(self.neighbors[side][ids], dtype=np.int64)  # n x K
         means = np.asarray(self.means[side][nbr.reshape(-1)], dtype=np.float32)
@@ -89,29 +93,50 @@ class ReuseReader:
             sizes = torch.from_numpy(sizes).view(len(ids), nbr.shape[1])  # n x K
         return self.sizer.vectors(means, lengths, sizes).numpy()
 
+    def enable_prefetch(self, pin: bool) -> None:
+        """Prepare batches' host reads ahead on a worker thread (:mod:`.read_ahead`);
+        ``pin``: into pinned memory (the model is on CUDA)."""
+        if self.ahead is None:
+            self._pin = bool(pin)
+            self.ahead = ReadAhead(self._host_reads)
+
+    def _host_reads(self, ids: np.ndarray) -> Dict[str, HostRead]:
+        pos = self.store.pos_of[ids]
+        return {s: host_read(self, ids, pos, s, self._pin) for s in self.store.sides}
+
+    def prefetch(self, sample_ids) -> None:
+        """Start the host read of a coming batch (its ``sample["id"]`` on the host)."""
+        if self.ahead is not None:
+            self.ahead.submit(np.asarray(sample_ids, dtype=np.int64))
+
+    def close_prefetch(self) -> Optional[ReadStats]:
+        """Stop preparing reads (the generation's maps may close next); the epoch's stats."""
+        if self.ahead is None:
+            return None
+        self.ahead.close()
+        return self.ahead.stats
+
     def read(self, sample_ids, side: str, mask: torch.Tensor, project: ProjectFn) -> Tuple[torch.Tensor, int, int]:
         """(delta B x T x C, #read from cache, #rebuilt from neighbours).
         The host reads the cached sentences' token rows (memory-mapped) and makes one Eq. 3
-        vector per rebuilt sentence from the row means; that table (about p of the batch's
-        tokens plus one row per rebuilt sentence) and the index of each token's row reach
-        the device in pinned, non-blocking copies, where the rows are expanded: the host
-        never builds the rebuilt sentences' token rows (most of the batch; on a GPU that
-        would make the read ~10% of a reuse update)."""
+        vector per rebuilt sentence from the row means -- ahead of the step when a prefetch
+        of these ids is ready (:mod:`.read_ahead`); that table (about p of the batch's
+        tokens plus one row per rebuilt sentence), the index of each token's row and the
+        lengths reach the device in one pinned, non-blocking copy, where the rows are
+        expanded: the host never builds the rebuilt sentences' token rows (most of the
+        batch; on a GPU that would make the read ~10% of a reuse update)."""
         ids, pos = self.positions(sample_ids)
-        lengths = self.store.lengths_all[side][ids]  # real tokens per sample, from the data
-        cached = pos >= 0
-        cached_b, other_b = np.nonzero(cached)[0], np.nonzero(~cached)[0]
-        table = self.read_rows(side, pos[cached_b]) if len(cached_b) else []
-        if len(other_b):
-            table.append(self._rebuilt_table(side, ids[other_b], lengths[other_b]))
-        check_lengths(lengths, mask)
-        dim = self.store.dims[side]
-        table = np.concatenate(table, axis=0) if table else np.zeros((0, dim), dtype=np.float32)
-        index = to_device(torch.from_numpy(cache_math.row_sources(lengths, cached)), mask.device)
-        flat = to_device(torch.from_numpy(table), mask.device).index_select(0, index)  # N x C, batch order
-        delta = project(place_rows(flat, mask), mask)
+        host = self.ahead.take(ids, side) if self.ahead is not None else None
+        if host is None:
+            t0 = time.perf_counter()
+            host = host_read(self, ids, pos, side, pin=mask.device.type == "cuda")
+            if self.ahead is not None:
+                dt = time.perf_counter() - t0
+                self.ahead.stats.wait_s += dt
+                self.ahead.stats.host_s += dt
+        delta = finish(host, mask, project)
         fault_point(f"reuse_batch@{self.epoch}")
-        return delta, len(cached_b), len(other_b)
+        return delta, host.n_cached, host.n_rebuilt
 
 
 class RefreshWriter:

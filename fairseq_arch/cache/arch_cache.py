@@ -20,7 +20,9 @@ cache dir deleted, recomputes it as a refresh: :mod:`.lifecycle`, Recovery): cac
 sentences read their rows, the others get the mean of their K neighbours' row means
 on every token, rescaled to a target size with ``--arch-rebuild-norm neighbor|eps``. With
 ``--arch-neighbor-search epoch`` every reuse epoch after the first of a generation
-searches the neighbours again at its start (:mod:`.epoch_search`).
+searches the neighbours again at its start (:mod:`.epoch_search`). A reuse epoch's
+reads are prepared on a worker thread while the previous batch trains
+(:mod:`.read_ahead`; ``--arch-prefetch off``, and on a CPU by default: in the step), closed at the next epoch start.
 """
 
 import logging
@@ -67,6 +69,7 @@ class ArchCache:
         neighbor_search: str = "refresh",
         ball: Tuple[float, str, str],
         schedule: str = "text",
+        read_ahead: bool = False,
     ):
         self.cache_dir = cache_dir
         self.dataset = dataset
@@ -83,6 +86,8 @@ class ArchCache:
         self.first_refresh_epoch = int(first_refresh_epoch)
         assert schedule in cache_math.SCHEDULES, schedule
         self.schedule = schedule  # --arch-recipe: the paper's refresh epochs or the official code's
+        # reuse reads prepared ahead of the step (.read_ahead); the code recipe reads its own way
+        self.read_ahead = bool(read_ahead) and schedule == "text"
         # the criterion's ball (--adv-eps, --adv-norm, --adv-granularity): the measure in
         # which rebuilt sentences are rescaled and cached sentences' sizes stored
         self.sizer = RebuildSizer(rebuild_norm, ball)
@@ -150,6 +155,7 @@ class ArchCache:
         access (also ``self.access``): a RefreshWriter, a ReuseReader, or None (off)."""
         self.open(model)
         store = self.store
+        self._stop_read_ahead()  # before the maps close and the generation changes under it
         # every rank's rows of the last epoch must be in its shards, closed (visible to
         # rank 0 on another node), before rank 0 merges them; rank 0 learns which shards
         # and how many bytes to expect (the gather is also the barrier)
@@ -179,11 +185,25 @@ class ArchCache:
                 self.last_search_seconds = float(info["search_seconds"])
                 self.last_nbr_changed = summarize(epoch, info)
             self.access = ReuseReader(store, gen, self.search, self.sizer, neighbors, epoch)
+            if self.read_ahead:
+                self.access.enable_prefetch(pin=any(p.is_cuda for p in model.parameters()))
         what = {"refresh": "fresh ascent" + (", recomputing the missing cache" if mode != scheduled else ""),
                 "reuse": "cache only",
                 "off": f"plain label smoothing until --arch-first-refresh-epoch {self.first_refresh_epoch}"}
         logger.info(f"ARCH epoch {epoch}: {mode} ({what[mode]})")
         return self.access
+
+    def prefetch(self, sample_ids) -> None:
+        """A coming training batch (``sample["id"]`` on the host): on reuse epochs its read
+        starts now, on a worker thread (--arch-prefetch off: never)."""
+        if isinstance(self.access, ReuseReader):
+            self.access.prefetch(sample_ids)
+
+    def _stop_read_ahead(self) -> None:
+        if isinstance(self.access, ReuseReader):
+            stats = self.access.close_prefetch()
+            if stats is not None and stats.hits + stats.misses:
+                logger.info(f"ARCH epoch {self.epoch} reads: {stats}")
 
     def open_reader(self, rebuild_norm: Optional[str] = None) -> Optional[ReuseReader]:
         """A reader on the current complete generation whatever the live mode is, its

@@ -22,6 +22,7 @@ from omegaconf import II
 
 from .. import early_backward
 from ..cache import ArchCache, load_embedding_matrix
+from ..cache.read_ahead import look_ahead_in
 from ..cache_math import REBUILD_NORMS
 from ..distributed import all_gather_object
 from ..injection import checkpointed
@@ -101,8 +102,17 @@ class ArchTranslationConfig(TranslationConfig):
         default="float16",
         metadata={"help": "dtype of the cached token rows on disk"},
     )
+    arch_prefetch: ChoiceEnum(["auto", "on", "off"]) = field(
+        default="auto",
+        metadata={"help": "reuse epochs: read the next batch's cached rows and neighbour rebuilds on a worker "
+                  "thread while the current batch trains ('on'), or when the step asks for them ('off'); the same "
+                  "numbers either way. 'auto' = on when training on CUDA, where host work is a visible share of a "
+                  "step, off on a CPU, where it is under 1% and a thread only competes for the cores. Ignored by "
+                  "--arch-recipe code, which always reads in the step"},
+    )
     save_dir: str = II("checkpoint.save_dir")
     seed: int = II("common.seed")
+    cpu: bool = II("common.cpu")  # --arch-prefetch auto
     # read for the start-of-run warning on --arch-first-refresh-epoch beyond --max-epoch
     max_epoch: int = II("optimization.max_epoch")
 
@@ -194,6 +204,12 @@ class ArchTranslationTask(TranslationTask):
         self.left_out_reported = set()  # id(dataset) of the splits whose left-out count was checked
 
     @property
+    def prefetches(self) -> bool:
+        """--arch-prefetch resolved: 'auto' is on exactly when fairseq trains on CUDA."""
+        mode = str(self.cfg.arch_prefetch)
+        return mode == "on" or (mode == "auto" and torch.cuda.is_available() and not getattr(self.cfg, "cpu", False))
+
+    @property
     def cache_dir(self) -> str:
         return self.cfg.arch_cache_dir or os.path.join(self.cfg.save_dir, "arch_cache")
 
@@ -253,11 +269,22 @@ class ArchTranslationTask(TranslationTask):
             itr.seed = seed
         else:
             itr = super().get_batch_iterator(dataset, *args, seed=seed, epoch=epoch, **kwargs)
+        crit = self.arch_criterion
+        if (dataset is self.datasets.get(self.cfg.train_subset) and self.prefetches
+                and (crit is None or crit.method.needs_cache)):
+            look_ahead_in(itr, self._prefetch)  # batch t + 1's cache read runs while t trains
         if args:
             return itr  # positional options (no caller of fairseq's does this): not checked
         self.report_left_out(dataset, itr, kwargs.get("required_batch_size_multiple", 1),
                              log=kwargs.get("shard_id", 0) == 0)
         return itr
+
+    def _prefetch(self, sample) -> None:
+        """A training batch about to be handed out after the current one (fairseq's own
+        dummy and empty batches have no ids and never read the cache)."""
+        ids = sample.get("id") if isinstance(sample, dict) else None
+        if self.arch_cache is not None and ids is not None:
+            self.arch_cache.prefetch(ids.cpu().numpy() if torch.is_tensor(ids) else ids)
 
     def report_left_out(self, dataset, itr, multiple: int, log: bool = True) -> int:
         """Sentences of ``dataset`` in none of the iterator's batches (fairseq's batch_by_size
@@ -311,6 +338,7 @@ class ArchTranslationTask(TranslationTask):
                 neighbor_search=str(self.cfg.arch_neighbor_search),
                 ball=crit.space.ball,
                 schedule=str(self.cfg.arch_recipe),
+                read_ahead=self.prefetches,
             )
         # every rank is here (begin_epoch is collective anyway: the cache's gather)
         dummies = all_gather_object(self.dummy_batches)
