@@ -412,7 +412,7 @@ def markdown(res: dict, rss: dict) -> str:
               rss_text, "", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | n/a ({rss_why}) | not measured |" if v is None else
               f"| {g} | {v:.3f} | {'yes' if v <= lim else 'NO'} |" for g, v, lim in goals]
-    from .plots import figure_lines
+    from .captions import figure_lines
 
     lines += [""] + figure_lines("cost.png", rounds=c["rounds"], steps=c["steps"], tc=c["tc"])
     return "\n".join(lines).rstrip("\n")

@@ -14,7 +14,7 @@ The quality figures have two panels: the methods (none, arch, r3f, smart, rdrop,
 ARCH variants (ablations, with none and arch repeated as references), so that no panel holds
 ten overlapping lines. Every variant keeps one colour and one marker
 (:func:`benchmarks.quality_plots.variant_style`) in every figure. Missing inputs are skipped
-with a message. :func:`figure_lines` gives the reports' markdown (image + italic caption)."""
+with a message. The captions are in :mod:`.captions`."""
 
 import json
 import os
@@ -39,32 +39,6 @@ def _machine(res) -> str:
 
 # -- captions (the reports' markdown) -------------------------------------------------------
 
-CAPTIONS = {
-    "cost.png": ("cost per update",
-                 "Time per update of each method divided by none's, on the machine named in the title (cost.json's "
-                 "machine). Solid bars: measured, median of {rounds} interleaved rounds, same model and batches; "
-                 "hatched bars: the ratio the paper's Table 1 forward/backward counts predict from the measured cost "
-                 "of one forward, one backward and one Adam step. Numbers on the bars: the ratio; dashed line: none "
-                 "(1.0). arch (amortised) = one refresh and Tc-1 reuse updates (S={steps}, Tc={tc})."),
-    "bleu_vs_time.png": ("validation BLEU vs wall-clock",
-                         "Validation BLEU (greedy) after every epoch against the cost-derived wall-clock (each "
-                         "epoch's updates x cost.json's s/update of the method); line: mean over seeds, shaded: "
-                         "min-max over the seeds (none for n=1). Left: the methods; right: the other variants (ARCH's "
-                         "ablations), with none and their base method repeated as dashed references. One colour and "
-                         "marker per variant in every figure."),
-    "gnorm.png": ("gradient norm per epoch",
-                  "Mean global gradient norm of every epoch from epoch 2 (epoch 1's, far above the later ones for "
-                  "every method, is given in the figure's note); line: mean over seeds, shaded: min-max over the "
-                  "seeds. Left: the methods; right: the other variants (ARCH's ablations), with none and their base "
-                  "method repeated as dashed references."),
-}
-
-
-def figure_lines(png: str, **fmt) -> list:
-    """Markdown lines of one figure: the image, then its caption in italics (``fmt`` fills
-    the caption's fields)."""
-    alt, caption = CAPTIONS[png]
-    return [f"![{alt}]({png})", "", f"*{caption.format(**fmt)}*", ""]
 
 
 # -- cost.png -----------------------------------------------------------------------------

@@ -650,7 +650,7 @@ def report(args, plan, cfg, extra):
         md = "\n".join([md, ""] + significance_lines(args.out, results, info, cfg)
                        + quality_plots.write(args.out, name, info, common.machine()))
     else:  # the figures benchmarks/plots.py draws from this report's JSON (quality.json), with captions
-        from .plots import figure_lines
+        from .captions import figure_lines
 
         md = "\n".join([md, ""] + figure_lines("bleu_vs_time.png") + figure_lines("gnorm.png")).rstrip("\n")
     # the headline report is v2's until v3 is complete; v3 reports beside it meanwhile

@@ -248,7 +248,7 @@ def test_the_committed_reports_have_no_nan():
 
 
 def test_figure_lines_fill_their_caption():
-    from benchmarks import plots
+    from benchmarks import captions
 
-    lines = plots.figure_lines("cost.png", rounds=7, steps=2, tc=5)
+    lines = captions.figure_lines("cost.png", rounds=7, steps=2, tc=5)
     assert lines[0] == "![cost per update](cost.png)" and "median of 7" in lines[2] and "S=2, Tc=5" in lines[2]
