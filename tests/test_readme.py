@@ -33,7 +33,7 @@ def _text_dir(root):
     os.makedirs(os.path.join(root, "tmp"))
     sources = {"train": os.path.join(data, "train_sample_bpe10k", "train"),
                "valid": os.path.join(data, "bpe10k", "valid"), "test": os.path.join(data, "bpe10k", "test")}
-    sizes = {"train": 300, "valid": 16, "test": 16}
+    sizes = {"train": 120, "valid": 8, "test": 8}
     for split, prefix in sources.items():
         paths = [f"{prefix}.{lang}" for lang in ("de", "en")]
         if split == "test":
