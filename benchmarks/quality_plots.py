@@ -49,6 +49,7 @@ def forest(plt, paired: Dict[str, dict], path: str, machine: str) -> bool:
         ax.errorbar(p["mean"], i, xerr=[[p["mean"] - lo], [hi - p["mean"]]], fmt=marker, color=colour, capsize=3)
         ax.annotate(f"{p['mean']:+.2f} (n={p['n']})", (hi, i), xytext=(6, -3), textcoords="offset points", fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
+    ax.margins(x=0.25)  # room for the value labels right of each interval
     ax.set_yticks(range(len(rows)), names)
     ax.invert_yaxis()
     ax.set_xlabel("test sacreBLEU - none (paired by seed; bars: 95% t interval)")
