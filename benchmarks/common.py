@@ -99,6 +99,16 @@ def train_batches(task, max_tokens=4096, seed=1):
     return [utils.move_to_cuda(b) for b in batches] if on_gpu() else batches
 
 
+def earlier_rows(out_dir: str, name: str) -> list:
+    """The rows of ``<out_dir>/<name>.json`` measured by an earlier run (none: []): a benchmark
+    that measures several scales keeps the ones not re-measured."""
+    path = os.path.join(out_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
 def write_report(out_dir: str, name: str, result: dict, markdown: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     result = dict(result, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"))

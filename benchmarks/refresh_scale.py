@@ -237,11 +237,7 @@ def run_scale(n: int, row_dim: int, search_dim: int, device: str = "cpu", work: 
 
 
 def main(args):
-    path = os.path.join(args.out, "refresh_scale.json")
-    rows = []
-    if os.path.exists(path):  # keep the scales measured earlier; re-measured ones are replaced
-        with open(path) as f:
-            rows = json.load(f)["rows"]
+    rows = common.earlier_rows(args.out, "refresh_scale")  # re-measured scales are replaced
     for n in [int(s) for s in args.refresh_scales.split(",")]:
         print(f"refresh-scale: {n} pairs, d={args.refresh_dim} (one subprocess)", flush=True)
         row = run_scale(n, args.refresh_dim, args.refresh_dim, work=args.work)

@@ -182,11 +182,7 @@ def markdown(rows, dim, fraction):
 
 
 def main(args):
-    path = os.path.join(args.out, "scale.json")
-    rows = []
-    if os.path.exists(path):  # keep other scales measured earlier; re-measured ones are replaced
-        with open(path) as f:
-            rows = json.load(f)["rows"]
+    rows = common.earlier_rows(args.out, "scale")  # re-measured scales are replaced
     names = args.scales.split(",")
     # no time-left estimate: a scale's cost grows about with N x pN (exact search), so the mean of the
     # smaller scales says little about the next one
