@@ -143,6 +143,10 @@ class EarlyCleanBackward:
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError("the early clean backward was called twice in one train_step")
+        self._backward(loss)
+        self._leave_no_sync()  # the perturbed forward's backward all-reduces, once per update
+
+    def _backward(self, loss: torch.Tensor) -> None:
         if self.ignore_grad:
             loss = loss * 0  # fairseq's dummy batch: as the trainer's `loss *= 0`
         # through the optimizer: fp16 loss scaling / AMP's grad scaler, as the trainer's
@@ -150,7 +154,19 @@ class EarlyCleanBackward:
         amp_off = torch.autocast(device_type="cuda", enabled=False) if self.amp else contextlib.nullcontext()
         with amp_off, torch.autograd.profiler.record_function("backward"):
             self.optimizer.backward(loss)
-        self._leave_no_sync()  # the perturbed forward's backward all-reduces, once per update
+
+    @contextlib.contextmanager
+    def local(self):
+        """A forward and backward whose gradient stays in this rank's ``.grad`` (inside the
+        wrapper's ``no_sync``): a chunk of the regulariser but the last (``--adv-chunks``)."""
+        ctx = self.wrapper.no_sync() if self.wrapper is not None else contextlib.nullcontext()
+        with ctx:
+            yield
+
+    def part(self, loss: torch.Tensor) -> None:
+        """Backpropagate a part of the regulariser now, inside :meth:`local` (methods/chunked.py)."""
+        assert self.calls == 1, "a part of the regulariser before the early clean backward"
+        self._backward(loss)
 
     def backward_rest(self, loss: torch.Tensor, model, sample) -> None:
         """The trainer's backward of what the criterion returned (lambda * KL's gradient).

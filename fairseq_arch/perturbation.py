@@ -532,6 +532,19 @@ class Teacher:
         self.lprobs = live.detach() if keep_graph else lprobs.detach().reshape(-1, v).index_select(0, self.rows).float()
         self.shape = tuple(mask.shape)
 
+    def sentences(self, start: int, end: int, width: int) -> "Teacher":
+        """The teacher of the batch's sentences [start, end) (a chunk of ``--adv-chunks``),
+        ``width`` target positions each: its rows are a contiguous run of this one's, as the
+        flat positions are sentence-major. One host sync for the run's bounds."""
+        bounds = torch.tensor([start * width, end * width], device=self.rows.device, dtype=self.rows.dtype)
+        lo, hi = torch.searchsorted(self.rows, bounds).tolist()
+        part = Teacher.__new__(Teacher)
+        part.rows = self.rows[lo:hi] - start * width
+        part.lprobs = self.lprobs[lo:hi]
+        part.live = None if self.live is None else self.live[lo:hi]
+        part.shape = ((end - start) * width,) if len(self.shape) == 1 else (end - start, *self.shape[1:])
+        return part
+
     def divergence(self, student: torch.Tensor, kind: str = "forward", logits: bool = False,
                    through_teacher: bool = False) -> torch.Tensor:
         """Token-summed divergence of ``student`` (log-probs, or logits with

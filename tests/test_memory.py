@@ -287,7 +287,7 @@ def _free_port() -> int:
 
 
 def _ddp_rank(rank, port, data_dir, root, scenarios):
-    """One rank: for each (backend, early, skip) scenario a fresh task/model/Trainer
+    """One rank: for each (name, backend, early, skip[, extra flags]) scenario a fresh task/model/Trainer
     (same seed), one update of two batches (rank r: batches 2r, 2r+1), then its
     gradients, parameters and the number of DDP bucket all-reduces to <root>/r<rank>-*.pt."""
     out = os.path.join(root, f"r{rank}.err")
@@ -308,11 +308,15 @@ def _ddp_rank(rank, port, data_dir, root, scenarios):
 
         dfm.DistributedDataParallel = CpuDDP
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
-        for name, backend, early, skip in scenarios:
+        parts = []  # chunks of the regulariser backpropagated early (--adv-chunks, tests/test_chunks.py)
+        real_part = early_backward.EarlyCleanBackward.part
+        early_backward.EarlyCleanBackward.part = lambda self, loss: (parts.append(1), real_part(self, loss))[1]
+        for name, backend, early, skip, *extra in scenarios:
+            parts.clear()
             cfg, task, model, crit = utils.build_components(data_dir, [
                 "--adv-method", "arch", "--adv-steps", "2", "--optimizer", "adam", "--lr", str(LR),
                 "--distributed-world-size", "2", "--distributed-rank", str(rank), "--ddp-backend", backend,
-                "--distributed-backend", "gloo"], save_dir=os.path.join(root, name))
+                "--distributed-backend", "gloo", *(extra[0] if extra else [])], save_dir=os.path.join(root, name))
             task.early_clean_backward = early
             batches = utils.batches(task, max_tokens=300)
             trainer = Trainer(cfg, task, model, crit)
@@ -335,7 +339,7 @@ def _ddp_rank(rank, port, data_dir, root, scenarios):
             Teacher.divergence = real
             torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
                         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-                        "buckets": reductions["buckets"], "skipped": log.get("adv_skipped")},
+                        "buckets": reductions["buckets"], "skipped": log.get("adv_skipped"), "parts": len(parts)},
                        os.path.join(root, f"r{rank}-{name}.pt"))
         dist.destroy_process_group()
     except BaseException:

@@ -30,7 +30,7 @@ from ..log_probs import log_probs_are_log_softmax
 from ..methods import method_class, method_names
 from ..methods.ascent import AscentScaler, ProjectedAscent, refuse_activation_checkpointing
 from ..methods.base import StepResult, padding_masks
-from ..methods.kl_regularised import AscentObjective
+from ..methods.kl_regularised import AscentObjective, KLRegularised
 from ..methods.space import PerturbationSpace
 from ..perturbation import Teacher, sentence_norms
 from ..registration import register_once
@@ -75,6 +75,12 @@ class AdversarialLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntr
                              "rank 0 logs 'ARCH probe epoch E: ...' = the KL a fresh ascent, the cached rows, the "
                              "neighbour-rebuilt rows and random deltas of the same norm induce on this many "
                              "fixed training sentences (eval mode; RNG and parameters untouched); 0 = off"})
+    adv_chunks: int = field(
+        default=1, metadata={"help": "r3f / smart / arch / zero-delta with --task arch_translation: the perturbed "
+                             "forward and its backward in this many sentence chunks, each backpropagated at once, "
+                             "for peak memory (the clean CE's gradients plus one chunk's activations, instead of "
+                             "the whole batch's); the same objective with other dropout masks, slower on a GPU "
+                             "at small models; 1 = off"})
     seed: int = II("common.seed")
     # the model's precision: an R3F noise below its resolution is rounded away (methods/r3f.py)
     fp16: bool = II("common.fp16")
@@ -110,11 +116,26 @@ def validate_adv_config(cfg) -> None:
                                   ("--adv-eps", cfg.adv_eps, cfg.adv_eps > 0, "> 0"),
                                   ("--adv-steps", cfg.adv_steps, cfg.adv_steps >= 0, ">= 0"),
                                   ("--adv-step-size", cfg.adv_step_size, cfg.adv_step_size > 0, "> 0"),
-                                  ("--adv-probe-sentences", cfg.adv_probe_sentences, cfg.adv_probe_sentences >= 0, ">= 0")):
+                                  ("--adv-probe-sentences", cfg.adv_probe_sentences, cfg.adv_probe_sentences >= 0, ">= 0"),
+                                  ("--adv-chunks", cfg.adv_chunks, cfg.adv_chunks >= 1, ">= 1")):
         if not ok:
             raise ValueError(f"{name} must be {want}, got {value}")
     if cfg.adv_init_scale is not None and cfg.adv_init_scale <= 0:
         raise ValueError(f"--adv-init-scale must be > 0, got {cfg.adv_init_scale}")
+
+
+def refuse_chunks(method, task, teacher_grad: bool) -> None:
+    """--adv-chunks splits the perturbed forward of a detached teacher's KL after the early
+    clean backward: refused, naming why, where there is none."""
+    if not (issubclass(method, KLRegularised) and method.detached_teacher):
+        raise ValueError(f"--adv-chunks is for r3f, smart, arch and zero-delta (a fixed teacher), not --adv-method "
+                         f"{method.name}, whose gradient flows through every forward")
+    if teacher_grad:
+        raise ValueError("--adv-chunks needs the fixed teacher: with --adv-teacher grad the gradient flows through "
+                         "the clean forward too, so there is no early clean backward to build on")
+    if not hasattr(task, "early_clean_backward"):
+        raise ValueError("--adv-chunks needs --task arch_translation (its train_step backpropagates the clean CE "
+                         f"early, which the chunks build on), got --task {type(task).__name__}")
 
 
 @register_once(CRITERION_REGISTRY, register_criterion, "adversarial_label_smoothed_cross_entropy",
@@ -141,6 +162,9 @@ class AdversarialLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCri
         if self.teacher_grad and not method.detached_teacher:
             raise ValueError(f"--adv-teacher grad is for the methods with a clean teacher in their KL (r3f, smart, "
                              f"arch, zero-delta), not --adv-method {method.name}")
+        self.adv_chunks = cfg.adv_chunks
+        if cfg.adv_chunks > 1:
+            refuse_chunks(method, task, self.teacher_grad)
         self.precision_flag = "--bf16" if cfg.bf16 else "--fp16" if cfg.fp16 else None
         self.space = PerturbationSpace.from_config(cfg, method.default_init)
         self.ascent = ProjectedAscent(self.space, cfg.adv_steps, AscentScaler(), method.name)

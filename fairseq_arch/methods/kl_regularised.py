@@ -8,13 +8,14 @@ seeded noise (r3f), a fresh ascent (smart), ARCH's cache (a fresh ascent stored 
 refresh epochs, a read on reuse epochs).
 """
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 from ..injection import unwrap_model
 from .base import Method, StepResult, finite_or_skipped, padding_masks, zero
+from .chunked import chunked_regulariser, warn_unchunked
 
 
 class AscentObjective:
@@ -54,6 +55,20 @@ class KLRegularised(Method):
         computed (a non-finite ascent: the batch trains on the clean CE alone)."""
         raise NotImplementedError
 
+    def regulariser(self, model, sample, delta, teacher, loss) -> Tuple[torch.Tensor, bool]:
+        """(the KL of the perturbed forward before lambda, whether it was dropped as not
+        finite); in ``--adv-chunks`` chunks when the clean CE went backward early."""
+        crit = self.criterion
+        if crit.adv_chunks > 1:
+            if crit.early_backward is not None:
+                reg, dropped = chunked_regulariser(crit, model, sample, delta, teacher, crit.adv_chunks)
+                return reg, dropped > 0
+            warn_unchunked(crit.adv_chunks)
+        adv_output = crit.perturbed_forward(model, sample["net_input"], delta)
+        reg = crit.divergence(model, adv_output, sample, teacher, through_teacher=crit.teacher_grad)
+        del adv_output
+        return finite_or_skipped(reg, loss)
+
     def step(self, model, sample) -> StepResult:
         crit = self.criterion
         net_input = sample["net_input"]
@@ -84,11 +99,8 @@ class KLRegularised(Method):
             delta = self.perturbation(core, sample, masks, teacher, result)
         skip = delta is None
         if not skip:
-            adv_output = crit.perturbed_forward(model, net_input, delta)
             result.fwd += 1
-            reg = crit.divergence(model, adv_output, sample, teacher, through_teacher=crit.teacher_grad)
-            del adv_output
-            result.reg, skip = finite_or_skipped(reg, loss)
+            result.reg, skip = self.regulariser(model, sample, delta, teacher, loss)
         result.skipped = int(skip)
         result.delta = {} if skip else delta
         result.bwd += 1  # the trainer's backward of the total loss
