@@ -81,13 +81,15 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def build(data_bin: str, save_dir: str, extra=()):
+def build(data_bin: str, save_dir: str, extra=(), model_arch: str = None):
     """(cfg, task, model, criterion) as fairseq-train builds them: the small CPU
-    transformer, or transformer_iwslt_de_en on a GPU when one is present."""
+    transformer, or transformer_iwslt_de_en on a GPU when one is present; ``model_arch``:
+    that fairseq --arch with its own sizes, on either."""
     gpu = on_gpu()
+    model = ["--arch", model_arch, "--share-all-embeddings"] if model_arch else IWSLT_MODEL if gpu else SMALL_MODEL
     return build_from_flags([
         data_bin, *([] if gpu else ["--cpu"]), "--save-dir", save_dir, *ARCH_FLAGS,
-        "--max-tokens", "4096", *(IWSLT_MODEL if gpu else SMALL_MODEL), *extra,
+        "--max-tokens", "4096", *model, *extra,
     ], cuda=gpu)
 
 

@@ -134,13 +134,11 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
 
     data = common.multi30k_bin(work, sentences)
     arch_flags = ["--adv-method", "arch", "--arch-refresh-interval", str(tc), "--adv-steps", str(steps)]
-    if model_arch:  # fairseq's last --arch wins over the benchmark's model
-        arch_flags += ["--arch", model_arch]
     for scratch in ("cost-refresh", "cost-reuse"):
         # a fresh cache each run: a previous run's would be "ahead of the checkpoint" (epoch 1 again)
         shutil.rmtree(os.path.join(work, scratch), ignore_errors=True)
-    cfg_ref, task_ref, model, crit_ref = common.build(data, os.path.join(work, "cost-refresh"), arch_flags)
-    _, task_use, _, crit_use = common.build(data, os.path.join(work, "cost-reuse"), arch_flags)
+    cfg_ref, task_ref, model, crit_ref = common.build(data, os.path.join(work, "cost-refresh"), arch_flags, model_arch)
+    _, task_use, _, crit_use = common.build(data, os.path.join(work, "cost-reuse"), arch_flags, model_arch)
     batches = common.train_batches(task_ref)
     model.train()
     # the reuse task needs a filled cache: one refresh epoch, then epoch 2 (reuse)

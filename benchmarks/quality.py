@@ -22,7 +22,7 @@ import shlex
 import statistics
 import subprocess
 
-from . import common, quality_plots, significance
+from . import common, quality_plots, significance, weight_choice
 
 MODEL = [
     "--arch", "transformer", "--share-all-embeddings",
@@ -647,7 +647,8 @@ def report(args, plan, cfg, extra):
     md, info = summarize(results, plan, cfg, cost, load_calibration(args.out, cfg))
     name = "quality" if SUITE == "quality_v2" else SUITE
     if SUITE != "quality_v2":  # v2's runs kept no test hypotheses and its report stays as published
-        md = "\n".join([md, ""] + significance_lines(args.out, results, info, cfg)
+        info["choices"] = weight_choice.choose(results)
+        md = "\n".join([md, ""] + weight_choice.markdown(info["choices"]) + significance_lines(args.out, results, info, cfg)
                        + quality_plots.write(args.out, name, info, common.machine()))
     else:  # the figures benchmarks/plots.py draws from this report's JSON (quality.json), with captions
         from .captions import figure_lines

@@ -360,6 +360,18 @@ def check_ops(work, smoke):
     line("ops", "ok", ops.summary(ops.measure(work, 300 if smoke else 1000)))
 
 
+@guarded("peak-chunks")
+def check_peak_chunks(work, out, smoke):
+    """Peak tensor memory of r3f and smart (an ARCH reuse and refresh update) x none at
+    Transformer-big, with --adv-chunks 1, 2, 4 (benchmarks/peak_chunks.py)."""
+    from benchmarks import peak_chunks
+
+    model = "transformer_tiny" if smoke else "transformer_wmt_en_de_big"
+    res = peak_chunks.measure(work, model, 600 if smoke else 4000, [1, 2, 4], [])
+    common.write_report(out, "peak_chunks", res, peak_chunks.markdown(res))
+    line("peak-chunks", "ok", peak_chunks.summary(res))
+
+
 @guarded("data")
 def prepare_data(work, smoke, pairs):
     t0 = time.perf_counter()
@@ -370,7 +382,7 @@ def prepare_data(work, smoke, pairs):
 
 
 def run_benchmark_checks(only, args, smoke):
-    """The checks that run a benchmark: cost, cost-big, ops, refresh-wmt."""
+    """The checks that run a benchmark: cost, cost-big, ops, peak-chunks, refresh-wmt."""
     if "cost" in only:
         guarded("cost")(check_cost)(args.work, args.out or os.path.join(args.work, "cost"), smoke)
     if "cost-big" in only:
@@ -379,6 +391,8 @@ def run_benchmark_checks(only, args, smoke):
                                         smoke, "transformer_tiny" if smoke else "transformer_wmt_en_de_big")
     if "ops" in only:
         check_ops(args.work, smoke)
+    if "peak-chunks" in only:
+        check_peak_chunks(args.work, args.out or os.path.join(args.work, "cost"), smoke)
     if "refresh-wmt" in only:
         check_refresh_wmt(args.work, smoke, args.refresh_row_dim)
 
@@ -388,7 +402,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every check that a CPU can run")
     ap.add_argument("--work", default="/tmp/arch-gpu-check", help="scratch space")
     ap.add_argument("--out", default=None, help="where the cost benchmark's report goes (default: <work>/cost)")
-    ap.add_argument("--only", default="device,search,train,resume,ddp,cost,ops,refresh-wmt", help="comma list of checks "
+    ap.add_argument("--only", default="device,search,train,resume,ddp,cost,ops,peak-chunks,refresh-wmt", help="comma list of checks "
                     "(also: cost-big, the cost benchmark at Transformer-big size)")
     ap.add_argument("--precisions", default=DEFAULT_PRECISIONS,
                     help="train: comma list of fp32,fp16,amp,bf16 (bf16: fairseq 0.12 implies --tpu)")

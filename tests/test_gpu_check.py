@@ -44,13 +44,18 @@ def test_a_failing_check_fails_the_run(tmp_path):
     assert status.get("device") == "ok", lines
 
 
-def test_smoke_refresh_wmt_and_ops(tmp_path):
+def test_smoke_refresh_wmt_ops_and_peak_chunks(tmp_path):
     """The issue-22 checks, scaled down on the CPU: the refresh finalisation through the cache
-    code (every stage timed) and the plugin's own op counts per update."""
+    code (every stage timed), the plugin's own op counts per update, and the peak memory
+    with --adv-chunks."""
     utils.require_shared("multi30k", "tok")
-    p, lines, status = _check(tmp_path, "--only", "refresh-wmt,ops")
+    p, lines, status = _check(tmp_path, "--only", "refresh-wmt,ops,peak-chunks")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert status == {"refresh-wmt": "ok", "ops": "ok", "all": "ok"}, lines
+    assert status == {"refresh-wmt": "ok", "ops": "ok", "peak-chunks": "ok", "all": "ok"}, lines
+    peak = next(l for l in lines if "[gpu-check] peak-chunks" in l)
+    for method in ("r3f", "smart"):
+        ratios = [float(r) for r in re.search(rf"{method} c1 ([0-9.]+), c2 ([0-9.]+), c4 ([0-9.]+)", peak).groups()]
+        assert ratios[0] > 1.0 and ratios[2] < ratios[0], (method, peak)
     refresh = next(l for l in lines if "refresh-wmt" in l)
     assert "20,000 pairs (2,000 cached)" in refresh, refresh
     for stage in ("merge", "means", "sizes", "vectors", "search", "checksums"):

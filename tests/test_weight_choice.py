@@ -1,0 +1,32 @@
+"""Issue 19's choices on validation BLEU (benchmarks/weight_choice.py): compared on the seeds
+every setting has finished, never on test BLEU, and final only with 2 seeds per setting."""
+
+import pytest
+
+from benchmarks import weight_choice
+
+
+def run(variant, seed, valid, test=0.0):
+    return {"variant": variant, "seed": seed, "best_valid_bleu": valid, "test_sacrebleu": test}
+
+
+@pytest.mark.fast
+def test_the_weight_with_the_best_mean_validation_bleu_on_common_seeds_is_chosen():
+    runs = [run("rdrop", 1, 24.5, test=10), run("rdrop", 2, 24.0, test=10), run("rdrop-w1", 1, 22.9, test=30),
+            run("rdrop-w1", 2, 23.0, test=30), run("rdrop-w2.5", 1, 24.9), run("rdrop-w2.5", 2, 23.0),
+            run("rdrop-w2.5", 3, 40.0)]  # seed 3: only one setting has it, so it is not compared
+    c = weight_choice.choose(runs)["rdrop alpha"]
+    assert c["seeds"] == [1, 2] and c["chosen"] == "5" and c["variant"] == "rdrop" and c["final"]
+    assert c["valid"]["2.5"] == pytest.approx(23.95)
+
+
+@pytest.mark.fast
+def test_a_choice_is_provisional_until_every_setting_has_two_seeds():
+    runs = [run("arch", 1, 22.9), run("arch", 2, 22.0), run("arch-w2.5", 1, 23.5), run("arch-w5", 1, 21.0)]
+    choice = weight_choice.choose(runs)
+    assert choice["arch lambda"]["chosen"] == "2.5" and not choice["arch lambda"]["final"]
+    first = choice["arch first refresh epoch"]
+    assert first["chosen"] is None and first["runs"] == {"1": 2, "5": 0}
+    text = "\n".join(weight_choice.markdown(choice))
+    assert "2.5 (arch-w2.5), provisional" in text and "waiting for runs" in text
+    assert "rdrop alpha" not in choice, "a family without a finished run is listed"
