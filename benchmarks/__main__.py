@@ -36,6 +36,8 @@ def main():
     ap.add_argument("--layers", default="",
                     help="peak-chunks: two depths (e.g. 1,2) to extrapolate the full model's peaks from (CPU); "
                          "empty: the full model")
+    ap.add_argument("--time-rounds", type=int, default=0,
+                    help="peak-chunks: also time none and r3f per chunk count over this many interleaved rounds")
     ap.add_argument("--h200-cost-json", default="benchmarks/results/gpu_check/2026-11-26-h200-cost-big.json",
                     help="peak-chunks: an H200 cost run of the same model, whose peaks the table shows beside")
     ap.add_argument("--seeds", default="1,2,3", help="quality: seeds of the --multi-seed-methods (the others: the first)")

@@ -15,9 +15,11 @@ against the H200's measured peaks of the full model when that file is given.
 
 import json
 import os
+import random
+import statistics
 
 from . import common
-from .cost import LiveTensorBytes, _TorchOptimizer
+from .cost import LiveTensorBytes, _timed, _TorchOptimizer
 
 GOAL = 1.15  # issue 22: peak tensor memory at most 1.15 x none, at Transformer-big too
 FULL_DEPTH = {"transformer_tiny": 2, "transformer_wmt_en_de_big": 6, "transformer_iwslt_de_en": 6, "transformer": 6}
@@ -34,9 +36,23 @@ def one_peak(task, model, crit, batch, opt) -> float:
     return mem.peak / 2**20
 
 
-def peaks_at_depth(data: str, work: str, model_arch: str, layers, chunks) -> dict:
-    """{"none": MiB, "r3f c1": MiB, ...} and the batch shape, for ``layers`` encoder and
-    decoder layers (None: the model's own)."""
+def update_seconds(task, model, crits: dict, batch, opt, rounds: int) -> dict:
+    """Median seconds of one update (zero_grad, the task's train_step, Adam) per criterion,
+    the criteria in a new random order every round."""
+    rng, times = random.Random(0), {k: [] for k in crits}
+    for _ in range(rounds):
+        for key in rng.sample(list(crits), len(crits)):
+            opt.zero_grad()
+            dt, _ = _timed(lambda: (task.train_step(batch, model, crits[key], opt, update_num=0), opt.step()))
+            times[key].append(dt)
+    opt.zero_grad()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peaks_at_depth(data: str, work: str, model_arch: str, layers, chunks, rounds: int = 0) -> dict:
+    """{"peaks": {"none": MiB, "r3f c1": MiB, ...}, "batch": shape, "seconds": {"none": s,
+    "r3f c1": s, ...} when ``rounds``}, for ``layers`` encoder and decoder layers (None: the
+    model's own). The timing is of r3f (an ARCH reuse update's shape) at S's own default."""
     from fairseq_arch.in_process import criterion_with
 
     depth = [] if layers is None else ["--encoder-layers", str(layers), "--decoder-layers", str(layers)]
@@ -46,15 +62,20 @@ def peaks_at_depth(data: str, work: str, model_arch: str, layers, chunks) -> dic
     batch = max(batches, key=lambda b: b["net_input"]["prev_output_tokens"].numel())
     model.train()
     opt = _TorchOptimizer(model.parameters(), lr=1e-4)
-    out = {"none": one_peak(task, model, criterion_with(cfg, task, adv_method="none"), batch, opt)}
+    crits = {"none": criterion_with(cfg, task, adv_method="none")}
+    out = {"none": one_peak(task, model, crits["none"], batch, opt)}
     for method in ("r3f", "smart"):
         for k in chunks:
             # S = 1: each ascent step's graph is freed before the next, so S does not move the peak
-            crit = criterion_with(cfg, task, adv_method=method, adv_chunks=k, adv_steps=1)
-            out[f"{method} c{k}"] = one_peak(task, model, crit, batch, opt)
+            crits[f"{method} c{k}"] = criterion_with(cfg, task, adv_method=method, adv_chunks=k, adv_steps=1)
+            out[f"{method} c{k}"] = one_peak(task, model, crits[f"{method} c{k}"], batch, opt)
             print(f"peak-chunks: {model_arch}, {layers or 'all'} layers, {method} --adv-chunks {k}: "
                   f"{out[f'{method} c{k}']:.1f} MiB (none {out['none']:.1f})", flush=True)
-    return {"peaks": out, "batch": list(batch["net_input"]["prev_output_tokens"].shape)}
+    res = {"peaks": out, "batch": list(batch["net_input"]["prev_output_tokens"].shape)}
+    if rounds:
+        timed = {k: c for k, c in crits.items() if not k.startswith("smart")}
+        res["seconds"] = update_seconds(task, model, timed, batch, opt, rounds)
+    return res
 
 
 def extrapolate(by_depth: dict, depth: int) -> dict:
@@ -75,8 +96,12 @@ def markdown(res: dict) -> str:
         ref = h200.get(method) if k in ("", "1") else None
         lines.append(f"| {method} | {k or '-'} | {mib:.0f} | {mib / peaks['none']:.2f} | "
                      f"{f'{ref:.0f}' if ref else '-'} |")
-    lines += ["", f"r3f has the shape of an ARCH reuse update, smart that of a refresh update (their H200 peaks: "
-              "r3f 4073.5, arch-reuse 4059.6, smart and arch-refresh 4059.6 MiB). Goal: at most {GOAL} x none."]
+    lines += ["", "r3f has the shape of an ARCH reuse update, smart that of a refresh update (their H200 peaks: "
+              f"r3f 4073.5, arch-reuse 4059.6, smart and arch-refresh 4059.6 MiB). Goal: at most {GOAL} x none."]
+    for depth_, secs in res.get("seconds_by_depth", {}).items():
+        lines += ["", f"Seconds per update at {depth_} layers (median of {res['rounds']} interleaved rounds, r3f at its "
+                  "default S): " + ", ".join(f"{k} {v:.3f} ({v / secs['r3f c1']:.2f} x c1)" if k != "none" else
+                                             f"none {v:.3f}" for k, v in secs.items())]
     if res["extrapolated"]:
         lines += ["", "Per-depth measurements (MiB): " + "; ".join(
             f"{l} layers: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for l, p in res["by_depth"].items())]
@@ -94,20 +119,21 @@ def h200_peaks(path: str, model_arch: str) -> dict:
     return {m: res["methods"][m]["peak_mib"] for m in ("none", "r3f", "smart") if m in res["methods"]}
 
 
-def measure(work: str, model_arch: str, sentences: int, chunks, layers, h200_json: str = "") -> dict:
+def measure(work: str, model_arch: str, sentences: int, chunks, layers, h200_json: str = "", rounds: int = 0) -> dict:
     """The peaks of none, r3f and smart with each ``chunks`` count at ``model_arch``'s own
     depth: measured, or extrapolated from the two depths in ``layers``."""
     if layers and len(layers) != 2:
         raise SystemExit("peak-chunks: --layers takes two depths to extrapolate from (or none: the full model)")
     data = common.multi30k_bin(work, sentences)
     full = FULL_DEPTH.get(model_arch, 6)
-    by_depth = {l: peaks_at_depth(data, work, model_arch, l, chunks) for l in layers} or \
-        {full: peaks_at_depth(data, work, model_arch, None, chunks)}
+    by_depth = {l: peaks_at_depth(data, work, model_arch, l, chunks, rounds) for l in layers} or \
+        {full: peaks_at_depth(data, work, model_arch, None, chunks, rounds)}
     peaks = {l: r["peaks"] for l, r in by_depth.items()}
     return {"model": model_arch, "full_depth": full, "layers": list(layers), "extrapolated": bool(layers),
             "chunks": list(chunks), "batch": next(iter(by_depth.values()))["batch"], "by_depth": peaks,
             "peaks_full_depth": extrapolate(peaks, full) if layers else peaks[full],
-            "h200_measured": h200_peaks(h200_json, model_arch)}
+            "h200_measured": h200_peaks(h200_json, model_arch),
+            "seconds_by_depth": {l: r["seconds"] for l, r in by_depth.items() if "seconds" in r}, "rounds": rounds}
 
 
 def summary(res: dict) -> str:
@@ -126,5 +152,5 @@ def summary(res: dict) -> str:
 def main(a) -> None:
     res = measure(a.work, a.model_arch or "transformer_wmt_en_de_big", a.sentences or 4000,
                   [int(k) for k in a.chunks.split(",")], [int(l) for l in a.layers.split(",")] if a.layers else [],
-                  a.h200_cost_json)
+                  a.h200_cost_json, a.time_rounds)
     common.write_report(a.out, "peak_chunks", res, markdown(res) + "\n\n" + summary(res))

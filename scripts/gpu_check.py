@@ -367,9 +367,11 @@ def check_peak_chunks(work, out, smoke):
     from benchmarks import peak_chunks
 
     model = "transformer_tiny" if smoke else "transformer_wmt_en_de_big"
-    res = peak_chunks.measure(work, model, 600 if smoke else 4000, [1, 2, 4], [])
+    res = peak_chunks.measure(work, model, 600 if smoke else 4000, [1, 2, 4], [], rounds=2 if smoke else 10)
     common.write_report(out, "peak_chunks", res, peak_chunks.markdown(res))
-    line("peak-chunks", "ok", peak_chunks.summary(res))
+    secs = next(iter(res["seconds_by_depth"].values()))
+    line("peak-chunks", "ok", peak_chunks.summary(res) + "; r3f s / update x c1: "
+         + ", ".join(f"c{k} {secs[f'r3f c{k}'] / secs['r3f c1']:.2f}" for k in res["chunks"]))
 
 
 @guarded("data")

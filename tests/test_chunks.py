@@ -83,13 +83,15 @@ def assert_close_update(a, b):
     for n in pa:
         scale = gb[n].abs().max().item()
         assert (ga[n] - gb[n]).abs().max().item() <= GRAD_RTOL * scale + GRAD_ATOL, n
-        assert (pa[n] - pb[n]).abs().max().item() <= 1e-6, n  # one Adam step at lr 0.005
+        if scale > 1e-6:  # Adam's g / (|g| + eps) turns a gradient of rounding noise into steps of ~lr
+            assert (pa[n] - pb[n]).abs().max().item() <= 1e-6, n  # one Adam step at lr 0.005
 
 
 @pytest.mark.parametrize("method,reuse,freq,extra", [
     ("arch", False, 1, []), ("arch", True, 2, []), ("smart", False, 1, []),
-    ("r3f", False, 1, ["--adv-init-scale", "0.01"])],  # R3F's 1e-5 noise: a KL of 0 without dropout
-    ids=["arch-refresh", "arch-reuse-freq2", "smart", "r3f"])
+    ("r3f", False, 1, ["--adv-init-scale", "0.01"]),  # R3F's 1e-5 noise: a KL of 0 without dropout
+    ("arch", True, 1, ["--arch-recipe", "code", "--arch-cache-dtype", "float32"])],
+    ids=["arch-refresh", "arch-reuse-freq2", "smart", "r3f", "arch-code-reuse"])
 def test_chunks_give_the_same_update_without_dropout(small_toy, tmp_path, monkeypatch, method, reuse, freq, extra):
     parts = count_parts(monkeypatch)
     chunked = trainer_update(small_toy, tmp_path / "c3", method, True, freq, reuse, extra=["--adv-chunks", "3", *extra])
