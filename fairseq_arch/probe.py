@@ -41,6 +41,7 @@ import torch
 from .injection import unwrap_model
 from . import cache_math
 from .perturbation import divergence, masked, sentence_norms
+from .probe_deltas import fresh_delta, reuse_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def _probe_batch(criterion, core, batch, sides, readers, pad, gen, add, extra):
 
     for side in sides:
         try:
-            fresh = criterion.fresh_perturbation(core, batch, ascent_teacher, masks, PROBE_INIT_KEY, sides=[side])[side]
+            fresh = fresh_delta(criterion, core, batch, ascent_teacher, masks, side, PROBE_INIT_KEY)
         except FloatingPointError:
             logger.warning("ARCH probe: non-finite ascent gradient, batch skipped")
             continue
@@ -211,14 +212,14 @@ def _probe_batch(criterion, core, batch, sides, readers, pad, gen, add, extra):
         record(side, "random_fresh", _random_like(fresh, masks[side], fresh_norms, gen), "all")
         if reader is None or side not in reader.store.sides:
             continue
-        for i, (mode, mode_reader) in enumerate(readers.items()):
-            delta, _, _ = mode_reader.read(ids, side, masks[side], criterion.project)
+        for kind, delta in reuse_deltas(criterion, readers, ids, side, masks[side]):
             delta = delta.to(fresh.device)
-            if i == 0:
-                record(side, "cached", delta, "cached")  # the same rows whatever the mode
-            record(side, f"rebuilt[{mode}]", delta, "uncached")
+            if kind == "cached":
+                record(side, kind, delta, "cached")
+                continue
+            record(side, kind, delta, "uncached")
             norms = sentence_norms(delta, masks[side]).to(delta.device)
-            record(side, f"random[{mode}]", _random_like(delta, masks[side], norms, gen), "uncached")
+            record(side, "random" + kind[len("rebuilt"):], _random_like(delta, masks[side], norms, gen), "uncached")
         if extra is not None:
             for name, delta in extra.deltas(ids, side, masks[side], criterion.space.eps, criterion.project).items():
                 record(side, f"rebuilt[{name}]", delta.to(fresh.device), "uncached")

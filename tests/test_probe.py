@@ -118,6 +118,26 @@ def test_probe_changes_no_rng_state_parameters_or_modes(trained):
     assert again["sides"] == res["sides"]
 
 
+def test_probe_measures_what_the_code_recipe_trains_on(small_toy, tmp_path):
+    """--arch-recipe code: the probe's fresh delta is the code's ascent (norm eps = 0.3 over the
+    padded sentence, so at most that on the real tokens), and what a reuse epoch reads is the
+    cached displacement, at most S x eta = 2e-4 in norm, on cached and rebuilt sentences alike."""
+    from benchmarks import probe as bench_probe
+
+    save = str(tmp_path / "ckpt")
+    utils.train(small_toy, save, [*utils.ARCH_TASK, *utils.TINY_MODEL, "--max-epoch", "2", "--arch-recipe", "code",
+                                  "--arch-cache-dtype", "float32", "--arch-refresh-interval", "3", "--dropout", "0.1"])
+    res = bench_probe.run(os.path.join(save, "checkpoint_last.pt"), small_toy, sentences=48)
+    for side in ("source", "target"):
+        r = res["sides"][side]
+        assert {"fresh", "cached", "rebuilt[code]", "random[code]"} <= set(r), sorted(r)
+        assert not any(k.startswith("rebuilt[paper") for k in r), sorted(r)
+        assert 0.05 < r["fresh"]["norm"] <= 0.3 + 1e-5, r["fresh"]
+        assert 0 < r["cached"]["norm"] <= 2e-4 + 1e-7 and 0 < r["rebuilt[code]"]["norm"] <= 2e-4 + 1e-7, r
+        assert r["random[code]"]["norm"] == pytest.approx(r["rebuilt[code]"]["norm"], rel=1e-4)
+        assert r["rebuilt[code]"]["kl"] < 1e-3 * r["fresh"]["kl"], "a delta of 1/1500 eps moved the model"
+
+
 @pytest.mark.fast
 def test_token_aligned_rows_take_the_same_word_else_the_nearest_embedding():
     from benchmarks.experimental_rebuilds import token_aligned_rows
