@@ -1,4 +1,4 @@
-"""python -m benchmarks {cost,scale,refresh-scale,ops,peak-chunks,quality,plots,all,probe} [options] — see README, "Benchmarks".
+"""python -m benchmarks {cost,scale,refresh-scale,host-threads,ops,peak-chunks,quality,plots,all,probe} [options] — see README, "Benchmarks".
 
 probe (not part of all): python -m benchmarks probe --checkpoint CKPT --data DATA_BIN [--sentences 256]."""
 
@@ -15,8 +15,8 @@ def main():
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("what", choices=["cost", "scale", "refresh-scale", "ops", "peak-chunks", "quality", "plots", "all",
-                                        "probe"])
+    ap.add_argument("what", choices=["cost", "scale", "refresh-scale", "host-threads", "ops", "peak-chunks", "quality",
+                                        "plots", "all", "probe"])
     ap.add_argument("--out", default="benchmarks/results", help="where the .md/.json/.png go")
     ap.add_argument("--work", default="/tmp/arch-bench", help="scratch space (data-bin, checkpoints, caches)")
     ap.add_argument("--sentences", type=int, default=None,
@@ -30,14 +30,16 @@ def main():
     ap.add_argument("--rss-only", action="store_true", help="cost: re-measure peak RSS only, keep the timings in cost.json")
     ap.add_argument("--scales", default="tatoeba,1000000", help="scale: comma list of 'tatoeba' or a sentence count")
     ap.add_argument("--refresh-scales", default="45000,150000,300000",
-                    help="refresh-scale: comma list of synthetic pair counts (p=0.1; not part of all)")
+                    help="refresh-scale: comma list of synthetic pair counts (p=0.1; not part of all); "
+                         "host-threads: the first one")
     ap.add_argument("--refresh-dim", type=int, default=1024, help="refresh-scale: d of the rows and the search")
     ap.add_argument("--chunks", default="1,2,4", help="peak-chunks: --adv-chunks counts measured")
     ap.add_argument("--layers", default="",
                     help="peak-chunks: two depths (e.g. 1,2) to extrapolate the full model's peaks from (CPU); "
                          "empty: the full model")
     ap.add_argument("--time-rounds", type=int, default=0,
-                    help="peak-chunks: also time none and r3f per chunk count over this many interleaved rounds")
+                    help="peak-chunks: also time none and r3f per chunk count over this many interleaved rounds; "
+                         "host-threads: rounds (default 3)")
     ap.add_argument("--h200-cost-json", default="benchmarks/results/gpu_check/2026-11-26-h200-cost-big.json",
                     help="peak-chunks: an H200 cost run of the same model, whose peaks the table shows beside")
     ap.add_argument("--seeds", default="1,2,3", help="quality: seeds of the --multi-seed-methods (the others: the first)")
@@ -81,6 +83,11 @@ def main():
         from . import refresh_scale
 
         refresh_scale.main(a)
+        return
+    if a.what == "host-threads":
+        from . import host_threads
+
+        host_threads.main(a)
         return
     if a.what == "peak-chunks":
         from . import peak_chunks

@@ -11,6 +11,8 @@
 - :func:`neighbor_changes`: how many rows of a neighbour table changed.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -91,42 +93,78 @@ def ema_update(cached: Optional[torch.Tensor], fresh: torch.Tensor, alpha: float
 CHUNK_BYTES = 64 << 20
 
 
-def _sentence_chunks(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: Optional[int]):
-    """The ragged row blocks ``flat_rows[offsets[i]:offsets[i+1]]`` in chunks of whole
-    sentences (at most ``chunk_rows`` rows, default :data:`CHUNK_BYTES` of float32, or
-    one sentence): ``(start, end, block, starts, lengths)`` per chunk holding rows, where
-    ``block`` is the float32 rows of sentences ``start:end``, ``starts`` where each begins
-    in it and ``lengths`` their rows. ``flat_rows`` may be a memory map: memory stays
-    bounded by ``chunk_rows x C``."""
+def _chunk_bounds(offsets: np.ndarray, dim: int, chunk_rows: Optional[int]):
+    """(start, end) of the chunks of whole sentences of the ragged blocks
+    ``offsets[i]:offsets[i+1]``: as many sentences as fit in ``chunk_rows`` rows (default
+    :data:`CHUNK_BYTES` of float32), at least one; chunks without rows are left out."""
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_BYTES // (4 * max(int(flat_rows.shape[1]), 1)))
+        chunk_rows = max(1, CHUNK_BYTES // (4 * max(int(dim), 1)))
     m = len(offsets) - 1
-    start = 0
+    bounds, start = [], 0
     while start < m:
-        # as many whole sentences as fit in one chunk (at least one)
         end = int(np.searchsorted(offsets, offsets[start] + chunk_rows, side="right")) - 1
         end = min(max(end, start + 1), m)
-        lo, hi = int(offsets[start]), int(offsets[end])
-        if hi > lo:
-            block = np.asarray(flat_rows[lo:hi], dtype=np.float32)
-            yield start, end, block, (offsets[start:end] - lo).astype(np.int64), np.diff(offsets[start: end + 1])
+        if offsets[end] > offsets[start]:
+            bounds.append((start, end))
         start = end
+    return bounds
 
 
-def row_means(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: Optional[int] = None) -> np.ndarray:
+def host_threads() -> int:
+    """Threads for the chunked reductions: the CPUs this process may run on, at most 8 (each
+    thread holds one float32 chunk and its temporaries)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def _each_chunk(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: Optional[int], work,
+                threads: Optional[int] = None) -> None:
+    """``work(start, end, block, starts, lengths)`` for every chunk of whole sentences
+    (:func:`_chunk_bounds`): ``block`` the float32 rows of sentences ``start:end``, ``starts``
+    where each begins in it and ``lengths`` their rows. ``flat_rows`` may be a memory map:
+    memory stays bounded by ``threads x chunk_rows x C``. The chunks run on ``threads``
+    threads (default :func:`host_threads`; numpy releases the GIL in the float16 reads and
+    the reductions); each chunk is computed alone and ``work`` writes its own rows, so the
+    values are the same bits whatever the thread count."""
+
+    def run(bounds):
+        start, end = bounds
+        lo, hi = int(offsets[start]), int(offsets[end])
+        block = np.asarray(flat_rows[lo:hi], dtype=np.float32)
+        work(start, end, block, (offsets[start:end] - lo).astype(np.int64), np.diff(offsets[start: end + 1]))
+
+    chunks = _chunk_bounds(offsets, flat_rows.shape[1], chunk_rows)
+    threads = min(host_threads() if threads is None else threads, len(chunks))
+    if threads <= 1:
+        for bounds in chunks:
+            run(bounds)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(run, chunks):  # re-raises a chunk's error
+            pass
+
+
+def row_means(flat_rows: np.ndarray, offsets: np.ndarray, chunk_rows: Optional[int] = None,
+              threads: Optional[int] = None) -> np.ndarray:
     """Mean over tokens of each ragged row block: ``flat_rows[offsets[i]:offsets[i+1]]``,
-    read in chunks of whole sentences (:func:`_sentence_chunks`). Returns ``M x C``
-    float32 (zeros for an empty block)."""
+    read in chunks of whole sentences (:func:`_each_chunk`). Returns ``M x C`` float32
+    (zeros for an empty block)."""
     out = np.zeros((len(offsets) - 1, flat_rows.shape[1]), dtype=np.float32)
-    for start, end, block, starts, lengths in _sentence_chunks(flat_rows, offsets, chunk_rows):
+
+    def work(start, end, block, starts, lengths):
         nonempty = lengths > 0
         sums = np.add.reduceat(block, starts[nonempty], axis=0)
         out[start:end][nonempty] = sums / lengths[nonempty, None]
+
+    _each_chunk(flat_rows, offsets, chunk_rows, work, threads)
     return out
 
 
 def row_norms(flat_rows: np.ndarray, offsets: np.ndarray, norm: str = "l2", granularity: str = "sentence",
-              chunk_rows: Optional[int] = None) -> np.ndarray:
+              chunk_rows: Optional[int] = None, threads: Optional[int] = None) -> np.ndarray:
     """Size of each ragged row block ``flat_rows[offsets[i]:offsets[i+1]]`` in the
     measure of the perturbation ball (the criterion's ``--adv-norm`` and
     ``--adv-granularity``, as in :func:`fairseq_arch.perturbation.project`):
@@ -142,7 +180,8 @@ def row_norms(flat_rows: np.ndarray, offsets: np.ndarray, norm: str = "l2", gran
     """
     assert norm in ("l2", "linf") and granularity in ("sentence", "word"), (norm, granularity)
     out = np.zeros(len(offsets) - 1, dtype=np.float32)
-    for start, end, block, starts, lengths in _sentence_chunks(flat_rows, offsets, chunk_rows):
+
+    def work(start, end, block, starts, lengths):
         nonempty = lengths > 0
         if norm == "l2":
             per_token = np.sqrt(np.square(block).sum(axis=1)) if granularity == "word" else np.square(block).sum(axis=1)
@@ -155,6 +194,8 @@ def row_norms(flat_rows: np.ndarray, offsets: np.ndarray, norm: str = "l2", gran
         else:
             vals = np.maximum.reduceat(per_token, starts[nonempty])
         out[start:end][nonempty] = vals
+
+    _each_chunk(flat_rows, offsets, chunk_rows, work, threads)
     return out
 
 
