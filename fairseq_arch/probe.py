@@ -251,7 +251,11 @@ def summary_line(label: str, res: dict) -> str:
         items.append(f"kl_random_fresh_norm={kl('random_fresh')}")
         if "random_fresh" in r:
             ratios.append(f"random_fresh_norm={r['random_fresh']['kl_ratio']:.3f}")
-        parts.append(f"{side}: " + " ".join(items) + " (ratios to fresh: " + " ".join(ratios) + ")")
+        # the mean sentence norm of what each kind trains on (the random kinds copy theirs)
+        norms = [f"{k}={r[k]['norm']:.4g}" for k in kinds_in_order(r)
+                 if k in ("fresh", "cached") or k.startswith("rebuilt[")]
+        parts.append(f"{side}: " + " ".join(items) + " (ratios to fresh: " + " ".join(ratios) + "; norms: "
+                     + " ".join(norms) + ")")
     gen = res.get("generation")
     return f"{label}: " + "; ".join(parts) + (f" [cache {gen}]" if gen else " [no cache generation]")
 

@@ -47,7 +47,8 @@ def test_training_logs_one_probe_line_per_epoch_start(trained):
     assert len(lines) == 1, lines  # at the start of epoch 2 (epoch 1: nothing trained yet)
     line = lines[0]
     assert line.startswith("ARCH probe epoch 1 ")
-    for key in ("kl_fresh=", "kl_cached=", "kl_rebuilt_paper=", "kl_random_paper=", "ratios to fresh"):
+    for key in ("kl_fresh=", "kl_cached=", "kl_rebuilt_paper=", "kl_random_paper=", "ratios to fresh",
+                "norms: fresh=", "rebuilt[paper]="):
         assert key in line, line
     assert "nan" not in line.split("source:")[1].split(";")[0].replace("cached=nan", ""), line
 
