@@ -367,7 +367,7 @@ def check_peak_chunks(work, out, smoke):
     from benchmarks import peak_chunks
 
     model = "transformer_tiny" if smoke else "transformer_wmt_en_de_big"
-    res = peak_chunks.measure(work, model, 600 if smoke else 4000, [1, 2, 4], [], rounds=2 if smoke else 10)
+    res = peak_chunks.measure(work, model, 600 if smoke else 4000, [1, 2, 4], [], rounds=1 if smoke else 10)
     common.write_report(out, "peak_chunks", res, peak_chunks.markdown(res))
     secs = next(iter(res["seconds_by_depth"].values()))
     line("peak-chunks", "ok", peak_chunks.summary(res) + "; r3f s / update x c1: "
