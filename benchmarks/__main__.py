@@ -3,6 +3,7 @@
 probe (not part of all): python -m benchmarks probe --checkpoint CKPT --data DATA_BIN [--sentences 256]."""
 
 import argparse
+import importlib
 import logging
 import os
 import warnings
@@ -11,12 +12,16 @@ import warnings
 QUALITY_PAIRS, QUALITY_EPOCHS, QUALITY_DROPOUT, QUALITY_WARMUP = 6000, 30, 0.1, 300
 
 
+# the benchmarks that run alone (not part of `all`): name -> module
+STANDALONE = {"probe": "probe", "refresh-scale": "refresh_scale", "host-threads": "host_threads",
+              "peak-chunks": "peak_chunks", "ops": "ops"}
+
+
 def main():
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("what", choices=["cost", "scale", "refresh-scale", "host-threads", "ops", "peak-chunks", "quality",
-                                        "plots", "all", "probe"])
+    ap.add_argument("what", choices=["cost", "scale", "quality", "plots", "all", *STANDALONE])
     ap.add_argument("--out", default="benchmarks/results", help="where the .md/.json/.png go")
     ap.add_argument("--work", default="/tmp/arch-bench", help="scratch space (data-bin, checkpoints, caches)")
     ap.add_argument("--sentences", type=int, default=None,
@@ -74,30 +79,8 @@ def main():
     ap.add_argument("--train-pairs", type=int, default=QUALITY_PAIRS, help="quality: Multi30k training pairs")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
-    if a.what == "probe":
-        from . import probe
-
-        probe.main(a)
-        return
-    if a.what == "refresh-scale":
-        from . import refresh_scale
-
-        refresh_scale.main(a)
-        return
-    if a.what == "host-threads":
-        from . import host_threads
-
-        host_threads.main(a)
-        return
-    if a.what == "peak-chunks":
-        from . import peak_chunks
-
-        peak_chunks.main(a)
-        return
-    if a.what == "ops":
-        from . import ops
-
-        ops.main(a)
+    if a.what in STANDALONE:
+        importlib.import_module(f".{STANDALONE[a.what]}", __package__).main(a)
         return
     if a.sentences is None:
         a.sentences = 3000

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from benchmarks.cost import LiveTensorBytes
-from fairseq_arch import early_backward
 from fairseq_arch.methods.chunked import chunk_bounds, sentence_slice
 from fairseq_arch.perturbation import Teacher
 
 from . import utils
-from .test_memory import _Backward, ddp_scenarios, run_ranks, trainer_update
+from .test_memory import _Backward, count_early_calls, ddp_scenarios, run_ranks, trainer_update
+from .test_robustness import one_refresh_epoch
 
 GRAD_RTOL = 1e-5  # of each gradient tensor's largest entry: float32 sums in another order
 GRAD_ATOL = 1e-9  # the attention keys' bias: its gradient is 0 but for rounding (softmax ignores it)
@@ -64,18 +64,6 @@ def test_sentence_slice_cuts_the_batch_dimension_only():
     assert sample["net_input"]["src_tokens"].shape == (4, 5), "the batch itself was changed"
 
 
-def count_parts(monkeypatch):
-    calls = []
-    real = early_backward.EarlyCleanBackward.part
-
-    def spy(self, loss):
-        calls.append(float(loss.detach()))
-        return real(self, loss)
-
-    monkeypatch.setattr(early_backward.EarlyCleanBackward, "part", spy)
-    return calls
-
-
 def assert_close_update(a, b):
     (pa, ga, la), (pb, gb, lb) = a, b
     for k in ("loss", "ls_loss", "nll_loss", "adv_loss"):
@@ -93,7 +81,7 @@ def assert_close_update(a, b):
     ("arch", True, 1, ["--arch-recipe", "code", "--arch-cache-dtype", "float32"])],
     ids=["arch-refresh", "arch-reuse-freq2", "smart", "r3f", "arch-code-reuse"])
 def test_chunks_give_the_same_update_without_dropout(small_toy, tmp_path, monkeypatch, method, reuse, freq, extra):
-    parts = count_parts(monkeypatch)
+    parts = count_early_calls(monkeypatch, "part")
     chunked = trainer_update(small_toy, tmp_path / "c3", method, True, freq, reuse, extra=["--adv-chunks", "3", *extra])
     assert len(parts) == 2 * freq, f"{len(parts)} chunks backpropagated early, expected 2 per batch"
     whole = trainer_update(small_toy, tmp_path / "c1", method, True, freq, reuse, extra=extra)
@@ -103,19 +91,12 @@ def test_chunks_give_the_same_update_without_dropout(small_toy, tmp_path, monkey
 
 
 def test_chunks_lower_the_peak(small_toy, tmp_path):
-    """arch on a reuse epoch, the largest batch: the peak of 4 chunks is below one chunk's
-    (the clean CE's gradients stay; the perturbed graph is a quarter)."""
+    """arch on a reuse epoch (every sentence cached), the largest batch: the peak of 4 chunks
+    is below one chunk's (the clean CE's gradients stay; the perturbed graph is a quarter)."""
     peak = {}
     for chunks in (1, 4):
-        _, task, model, crit = utils.build_components(
-            small_toy, ["--adv-method", "arch", "--arch-refresh-interval", "2", "--adv-chunks", str(chunks)],
-            save_dir=str(tmp_path / str(chunks)))
-        batches = utils.batches(task)
-        task.begin_epoch(1, model)
-        model.train()
-        for b in batches:
-            crit(model, b)
-        task.begin_epoch(2, model)
+        task, model, crit, batches = one_refresh_epoch(small_toy, str(tmp_path / str(chunks)),
+                                                       ["--adv-chunks", str(chunks)])
         batch = max(batches, key=lambda b: b["net_input"]["prev_output_tokens"].numel())
         model.zero_grad(set_to_none=True)
         mem = LiveTensorBytes()

@@ -46,17 +46,18 @@ def data_dir(small_toy):
     return small_toy
 
 
-def count_early_calls(monkeypatch):
-    """How many times the criterion called the early backward (the path under test must
-    really run: a test of 'the same update' passes trivially if it never does)."""
+def count_early_calls(monkeypatch, method: str = "__call__"):
+    """The losses the criterion passed to the early backward's ``method`` (``__call__``: the
+    clean CE; ``part``: a chunk of the regulariser): the path under test must really run, a
+    test of 'the same update' passes trivially if it never does."""
     calls = []
-    real = early_backward.EarlyCleanBackward.__call__
+    real = getattr(early_backward.EarlyCleanBackward, method)
 
     def spy(self, loss):
         calls.append(float(loss.detach()))
         return real(self, loss)
 
-    monkeypatch.setattr(early_backward.EarlyCleanBackward, "__call__", spy)
+    monkeypatch.setattr(early_backward.EarlyCleanBackward, method, spy)
     return calls
 
 
