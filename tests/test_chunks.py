@@ -57,9 +57,11 @@ def check_chunk_teacher(part, alone, sentences, flat):
 @pytest.mark.fast
 def test_sentence_slice_cuts_the_batch_dimension_only():
     sample = {"id": torch.arange(4), "ntokens": 9, "nsentences": 4, "target": torch.ones(4, 3),
+              "alignments": torch.zeros(4, 2),  # 4 alignment pairs, not per sentence: kept whole
               "net_input": {"src_tokens": torch.ones(4, 5), "src_lengths": torch.full((4,), 5), "lang": "de"}}
     part = sentence_slice(sample, 1, 3)
     assert part["id"].tolist() == [1, 2] and part["nsentences"] == 2 and "ntokens" not in part
+    assert part["target"].shape == (2, 3) and part["alignments"].shape == (4, 2)
     assert part["net_input"]["src_tokens"].shape == (2, 5) and part["net_input"]["lang"] == "de"
     assert sample["net_input"]["src_tokens"].shape == (4, 5), "the batch itself was changed"
 

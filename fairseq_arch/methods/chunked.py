@@ -38,20 +38,20 @@ def chunk_bounds(sentences: int, chunks: int) -> List[Tuple[int, int]]:
 
 
 def sentence_slice(sample: dict, start: int, end: int) -> dict:
-    """The sample of sentences [start, end): every tensor with the batch as its first
-    dimension cut, the rest kept. ``ntokens`` is left out, as the chunk's count is not
-    known without a sync, and nothing downstream reads it."""
+    """The sample of sentences [start, end) for a chunk's forward and KL: ``id``, ``target``
+    and every tensor of ``net_input`` with the batch as its first dimension cut; the other
+    keys (alignments, constraints: not per sentence) kept as they are. ``ntokens`` is left
+    out: the chunk's count is not known without a sync, and nothing downstream reads it."""
     batch = sample["target"].size(0)
 
     def cut(value):
-        if isinstance(value, dict):
-            return {k: cut(v) for k, v in value.items()}
         if torch.is_tensor(value) and value.dim() > 0 and value.size(0) == batch:
             return value[start:end]
         return value
 
-    part = {k: cut(v) for k, v in sample.items() if k != "ntokens"}
-    part["nsentences"] = end - start
+    part = {k: v for k, v in sample.items() if k != "ntokens"}
+    part.update(id=cut(sample["id"]), target=sample["target"][start:end], nsentences=end - start,
+                net_input={k: cut(v) for k, v in sample["net_input"].items()})
     return part
 
 
