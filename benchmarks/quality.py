@@ -22,7 +22,7 @@ import shlex
 import statistics
 import subprocess
 
-from . import common, quality_plots, significance, weight_choice
+from . import common, goals_v3, quality_plots, significance, weight_choice
 
 MODEL = [
     "--arch", "transformer", "--share-all-embeddings",
@@ -648,7 +648,11 @@ def report(args, plan, cfg, extra):
     name = "quality" if SUITE == "quality_v2" else SUITE
     if SUITE != "quality_v2":  # v2's runs kept no test hypotheses and its report stays as published
         info["choices"] = weight_choice.choose(results)
-        md = "\n".join([md, ""] + weight_choice.markdown(info["choices"]) + significance_lines(args.out, results, info, cfg)
+        test = {v: {s: r["test_sacrebleu"] for s, r in runs.items()} for v, runs in _by_variant(results).items()}
+        seconds = {v: row.get("derived_seconds") for v, row in info["summary"].items()}
+        goal_lines, info["goals_v3"] = goals_v3.lines(results, test, seconds, paired, _diff_text)
+        md = "\n".join([md, ""] + weight_choice.markdown(info["choices"]) + goal_lines
+                        + significance_lines(args.out, results, info, cfg)
                        + quality_plots.write(args.out, name, info, common.machine()))
     else:  # the figures benchmarks/plots.py draws from this report's JSON (quality.json), with captions
         from .captions import figure_lines
@@ -658,6 +662,13 @@ def report(args, plan, cfg, extra):
     common.write_report(args.out, name, {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
                                               "runs": [{k: v for k, v in r.items()} for r in results],
                                               "cost_json": bool(cost), **info}, md)
+
+
+def _by_variant(results: list) -> dict:
+    out = {}
+    for r in results:
+        out.setdefault(r["variant"], {})[r["seed"]] = r
+    return out
 
 
 def significance_lines(out: str, results: list, info: dict, cfg: dict) -> list:

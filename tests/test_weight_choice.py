@@ -30,3 +30,27 @@ def test_a_choice_is_provisional_until_every_setting_has_two_seeds():
     text = "\n".join(weight_choice.markdown(choice))
     assert "2.5 (arch-w2.5), provisional" in text and "waiting for runs" in text
     assert "rdrop alpha" not in choice, "a family without a finished run is listed"
+
+
+@pytest.mark.fast
+def test_the_best_arch_configuration_is_chosen_on_validation_and_judged_on_test():
+    from benchmarks import goals_v3, quality
+
+    runs = [run(v, s, valid, test) for v, s, valid, test in (
+        ("none", 1, 20.0, 19.0), ("none", 2, 20.0, 19.5), ("rdrop", 1, 24.0, 21.0), ("rdrop", 2, 24.0, 21.2),
+        ("arch", 1, 23.0, 30.0), ("arch", 2, 23.0, 30.0),  # test BLEU must not pick it
+        ("arch-w2.5", 1, 24.5, 21.6), ("arch-w2.5", 2, 24.4, 21.82),
+        ("arch-w5", 1, 40.0, 10.0))]  # one seed: not a candidate
+    test = {}
+    for r in runs:
+        test.setdefault(r["variant"], {})[r["seed"]] = r["test_sacrebleu"]
+    pick = goals_v3.best_arch(runs)
+    assert pick["variant"] == "arch-w2.5" and pick["seeds"] == [1, 2] and "arch-w5" not in pick["valid"]
+    lines, record = goals_v3.lines(runs, test, {"arch-w2.5": 100.0, "rdrop": 95.0}, quality.paired, quality._diff_text)
+    to_rdrop, to_none = record["goals"]
+    # +0.61 over rdrop with a CI above 0 (per seed +0.60, +0.62), at 1.05x its cost; +2.46 over none
+    assert to_rdrop["met"] == "met" and "cost 1.05x rdrop's" in to_rdrop["measured"]
+    assert to_none["met"] == "met"
+    _, costly = goals_v3.lines(runs, test, {"arch-w2.5": 120.0, "rdrop": 95.0}, quality.paired, quality._diff_text)
+    assert costly["goals"][0]["met"] == "NOT met", "1.26x rdrop's cost passed the 1.1x bound"
+    assert record["dropout_share"]["rdrop - none"]["n"] == 2 and "arch-code - zero-delta: no paired seeds yet" in lines
