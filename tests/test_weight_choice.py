@@ -53,4 +53,4 @@ def test_the_best_arch_configuration_is_chosen_on_validation_and_judged_on_test(
     assert to_none["met"] == "met"
     _, costly = goals_v3.lines(runs, test, {"arch-w2.5": 120.0, "rdrop": 95.0}, quality.paired, quality._diff_text)
     assert costly["goals"][0]["met"] == "NOT met", "1.26x rdrop's cost passed the 1.1x bound"
-    assert record["dropout_share"]["rdrop - none"]["n"] == 2 and "arch-code - zero-delta: no paired seeds yet" in lines
+    assert record["dropout_share"]["rdrop - none"]["n"] == 2 and "- arch-code - zero-delta: no paired seeds yet" in lines
