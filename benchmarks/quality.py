@@ -269,11 +269,30 @@ def cost_row(method: str, fwd_per_batch) -> str:
     """The cost.json row an epoch of ``method`` is priced at. ARCH epochs by what they did
     (logged forwards per batch): a refresh (> 2), a reuse epoch (2), or plain CE before the
     first refresh epoch (1)."""
-    if method != "arch":
-        return method
+    if method not in ("arch", "arch-rdrop"):
+        return PRICED_AS.get(method, method)
     if fwd_per_batch is None or fwd_per_batch > 2.5:
-        return "arch-refresh"
-    return "arch-reuse" if fwd_per_batch > 1.5 else "none"
+        return f"{method}-refresh"
+    return f"{method}-reuse" if fwd_per_batch > 1.5 else "none"
+
+
+# Rows cost.json does not measure, priced from measured rows with the same passes (not
+# measured themselves; the report says so): zero-delta is r3f's step without the seeded noise
+# (an upper bound); arch-rdrop's reuse epochs are R-Drop's step plus the cache read (under 1%
+# of a step on CPU: cost.json's own-work column), its refresh epochs R-Drop's step plus ARCH's
+# ascent (arch-refresh - arch-reuse)
+PRICED_AS = {"zero-delta": "r3f"}
+COMPOSED = {"arch-rdrop-reuse": (("rdrop", 1),), "arch-rdrop-refresh": (("rdrop", 1), ("arch-refresh", 1),
+                                                                         ("arch-reuse", -1))}
+
+
+def row_seconds(rows: dict, name: str):
+    """Seconds per update of cost.json row ``name``, or of its composition (COMPOSED); None
+    when a row it needs is missing."""
+    parts = COMPOSED.get(name, ((name, 1),)) if name not in rows else ((name, 1),)
+    if any(p not in rows for p, _ in parts):
+        return None
+    return sum(k * rows[p]["seconds"] for p, k in parts)
 
 
 def derived_seconds(method: str, per_epoch: list, cost) -> list:
@@ -285,11 +304,11 @@ def derived_seconds(method: str, per_epoch: list, cost) -> list:
     for e in per_epoch:
         n = (e.get("updates") or 0) - prev
         prev = e.get("updates") or prev
-        row = rows.get(cost_row(method, e.get("fwd_per_batch")))
-        if row is None or total is None:
+        sec = row_seconds(rows, cost_row(method, e.get("fwd_per_batch")))
+        if sec is None or total is None:
             total = None
         else:
-            total += n * row["seconds"]
+            total += n * sec
         out.append(total)
     return out
 
@@ -524,6 +543,12 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
               "cost.json times a 3+3-layer d=128 model on 3000 pairs: absolute minutes are for that model and that "
               "load, the ratios between methods are what carries over. The measured training seconds "
               "come from a machine shared with other jobs and are not comparable between runs.", ""]
+    estimated = [v for v in summary if adv_method(summary[v]["flags"]) in ("zero-delta", "arch-rdrop")]
+    if estimated:
+        lines += [f"{', '.join(estimated)}: cost.json has no row of their own; priced from measured rows with the same "
+                  "passes, not measured: zero-delta as r3f (its step without the seeded noise), arch-rdrop's reuse "
+                  "epochs as rdrop (plus a cache read, under 1% of a step on CPU), its refresh epochs as rdrop + "
+                  "arch-refresh - arch-reuse (R-Drop's step plus ARCH's ascent).", ""]
     pretrained = [v for v in summary if NONE_BEST in summary[v]["flags"]]
     if pretrained:
         lines += [f"{', '.join(pretrained)}: `{NONE_BEST}` = the best checkpoint of the same seed's `none` run (its "

@@ -309,3 +309,18 @@ def test_paired_bootstrap_per_seed_and_the_v3_figures(tmp_path):
     styles = {v: quality_plots.variant_style(v, ["x-b", "x-a", "none"]) for v in ("none", "x-a", "x-b")}
     assert len(set(styles.values())) == 3 and styles["none"] == quality_plots.STYLES["none"]
     assert quality_plots.variant_style("x-a", ["x-a", "x-b"]) == quality_plots.variant_style("x-a", ["x-b", "x-a"])
+
+
+@pytest.mark.fast
+def test_variants_without_a_cost_row_are_priced_from_rows_with_the_same_passes():
+    from benchmarks.quality import derived_seconds
+
+    rows = {"none": {"seconds": 1.0}, "r3f": {"seconds": 2.0}, "rdrop": {"seconds": 3.0},
+            "arch-refresh": {"seconds": 5.0}, "arch-reuse": {"seconds": 2.5}}
+    epochs = [{"updates": 10, "fwd_per_batch": 6.0}, {"updates": 20, "fwd_per_batch": 2.0}]  # refresh, reuse
+    # arch-rdrop: a refresh = rdrop + the ascent (arch-refresh - arch-reuse), a reuse = rdrop
+    assert derived_seconds("arch-rdrop", epochs, {"methods": rows}) == [55.0, 85.0]
+    assert derived_seconds("zero-delta", [{"updates": 4, "fwd_per_batch": 2.0}], {"methods": rows}) == [8.0]
+    assert derived_seconds("arch", epochs, {"methods": rows}) == [50.0, 75.0]
+    no_arch = {k: v for k, v in rows.items() if not k.startswith("arch")}
+    assert derived_seconds("arch-rdrop", epochs, {"methods": no_arch}) == [None, None]
