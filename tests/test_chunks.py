@@ -151,3 +151,16 @@ def test_chunks_under_data_parallel_reduce_once(small_toy, tmp_path):
                 assert (a["grads"][n] - b["grads"][n]).abs().max().item() <= GRAD_RTOL * scale + GRAD_ATOL, (name, r, n)
                 assert torch.equal(a["grads"][n], res[(1 - r, name)]["grads"][n]), (name, n)
     assert res[(0, pairs[0][0][0])]["buckets"] > 0, "the counting comm hook never ran"
+
+
+def test_chunks_train_through_the_cli(small_toy, tmp_path):
+    """fairseq-train with --adv-chunks 2: a refresh epoch, then a reuse epoch."""
+    out = utils.run(["fairseq-train", small_toy, *utils.ARCH_TASK, *utils.TINY_MODEL, "--cpu", "--adv-chunks", "2",
+                     "--arch-refresh-interval", "2", "--max-epoch", "2", "--optimizer", "adam", "--lr", "0.005",
+                     "--max-tokens", "1000", "--save-dir", str(tmp_path / "ckpt"), "--no-epoch-checkpoints",
+                     "--log-format", "simple", "--num-workers", "0"],
+                    capture_output=True, timeout=600)
+    text = out.stdout.decode() + out.stderr.decode()
+    assert out.returncode == 0, text[-3000:]
+    assert "ARCH epoch 1: refresh" in text and "ARCH epoch 2: reuse" in text, text[-3000:]
+    assert "no early clean backward" not in text, "the chunks fell back to one piece under fairseq-train"
