@@ -17,6 +17,10 @@ summed over target tokens, divided by the target tokens), for:
 - ``random_fresh``: a random direction with the norm of the fresh ascent (does the
   ascent beat a random direction of the same size?).
 
+Under ``--arch-recipe code`` the kinds are the code's own (:mod:`.probe_deltas`): its
+ascent as ``fresh``, its capped cached displacement as ``cached`` and its neighbour vector on
+every position as ``rebuilt[code]``.
+
 With ``extra`` (``python -m benchmarks probe`` passes the rebuilds of
 ``benchmarks/experimental_rebuilds.py``), more rebuilds of the uncached sentences,
 ``rebuilt[<name>]``, measured like the others.
