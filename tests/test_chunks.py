@@ -10,12 +10,11 @@ there is no early clean backward to build on."""
 import pytest
 import torch
 
-from benchmarks.cost import LiveTensorBytes
 from fairseq_arch.methods.chunked import chunk_bounds, sentence_slice
 from fairseq_arch.perturbation import Teacher
 
 from . import utils
-from .test_memory import _Backward, count_early_calls, ddp_scenarios, run_ranks, trainer_update
+from .test_memory import count_early_calls, ddp_scenarios, largest_batch_peak, run_ranks, trainer_update
 from .test_robustness import one_refresh_epoch
 
 GRAD_RTOL = 1e-5  # of each gradient tensor's largest entry: float32 sums in another order
@@ -99,14 +98,8 @@ def test_chunks_lower_the_peak(small_toy, tmp_path):
     for chunks in (1, 4):
         task, model, crit, batches = one_refresh_epoch(small_toy, str(tmp_path / str(chunks)),
                                                        ["--adv-chunks", str(chunks)])
-        batch = max(batches, key=lambda b: b["net_input"]["prev_output_tokens"].numel())
-        model.zero_grad(set_to_none=True)
-        mem = LiveTensorBytes()
-        with mem:
-            loss, _, log = task.train_step(batch, model, crit, _Backward(), 0)
-            del loss
-        assert log["arch_cached"] + log["arch_rebuilt"] == len(batch["id"])
-        peak[chunks] = mem.peak
+        peak[chunks], log = largest_batch_peak(task, model, crit, batches)
+        assert log["arch_cached"] + log["arch_rebuilt"] == log["sentences"]
     ratio = peak[4] / peak[1]
     print(f"arch reuse: peak {peak[1] / 2**20:.2f} MiB in one piece, {peak[4] / 2**20:.2f} MiB in 4 chunks (x{ratio:.3f})")
     assert ratio <= 0.9, f"4 chunks peak at x{ratio:.3f} one chunk's"

@@ -203,6 +203,18 @@ def test_live_tensor_bytes_counts_allocations_not_views():
     assert mem.now == 0
 
 
+def largest_batch_peak(task, model, crit, batches):
+    """(the most tensor bytes alive at once in the task's train_step on the largest of
+    ``batches``, that step's logging output), gradients allocated inside the step."""
+    batch = max(batches, key=lambda b: b["net_input"]["prev_output_tokens"].numel())
+    model.zero_grad(set_to_none=True)
+    mem = LiveTensorBytes()
+    with mem:
+        loss, _, log = task.train_step(batch, model, crit, _Backward(), 0)
+        del loss
+    return mem.peak, dict(log, sentences=len(batch["id"]))
+
+
 @pytest.mark.parametrize("method,reuse", [("arch", False), ("arch", True), ("smart", False), ("r3f", False)],
                          ids=["arch-refresh", "arch-reuse", "smart", "r3f"])
 def test_early_backward_lowers_the_peak(data_dir, tmp_path, method, reuse):
@@ -222,13 +234,7 @@ def test_early_backward_lowers_the_peak(data_dir, tmp_path, method, reuse):
             for b in batches:
                 crit(model, b)
             task.begin_epoch(2, model)
-        batch = max(batches, key=lambda b: b["net_input"]["prev_output_tokens"].numel())
-        model.zero_grad(set_to_none=True)
-        mem = LiveTensorBytes()
-        with mem:
-            loss, _, _ = task.train_step(batch, model, crit, _Backward(), 0)
-            del loss
-        peak[early] = mem.peak
+        peak[early], _ = largest_batch_peak(task, model, crit, batches)
     ratio = peak[True] / peak[False]
     print(f"{method}{' reuse' if reuse else ''}: peak {peak[True] / 2**20:.2f} MiB with the early backward, "
           f"{peak[False] / 2**20:.2f} MiB joint (x{ratio:.3f})")
