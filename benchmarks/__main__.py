@@ -77,6 +77,11 @@ def main():
     ap.add_argument("--quality-model", default="v2", choices=["v2", "wide"],
                     help="quality: v2 (2+2 layers, d=128, ffn 256) or wide (2+2 layers, d=256, ffn 1024)")
     ap.add_argument("--train-pairs", type=int, default=QUALITY_PAIRS, help="quality: Multi30k training pairs")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="quality: runs at once, each its own processes (default threads: the cores / jobs)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="quality: where the runs train and decode; cuda runs are a suite of their own "
+                         "(<suite>-cuda), paired only among themselves; several --jobs share the one GPU")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     if a.what in STANDALONE:

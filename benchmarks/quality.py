@@ -22,7 +22,7 @@ import shlex
 import statistics
 import subprocess
 
-from . import common, goals_v3, quality_plots, significance, weight_choice
+from . import common, goals_v3, quality_jobs, quality_plots, significance, weight_choice
 
 MODEL = [
     "--arch", "transformer", "--share-all-embeddings",
@@ -191,7 +191,7 @@ def adv_method(flags) -> str:
     return m
 
 
-def train_cmd(data: str, save: str, flags, seed: int, cfg: dict, patience: int = 0) -> list:
+def train_cmd(data: str, save: str, flags, seed: int, cfg: dict, patience: int = 0, device_flags=("--cpu",)) -> list:
     return ["fairseq-train", data, "--user-dir", common.USER_DIR, "--task", "arch_translation",
             "--criterion", "adversarial_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
             *MODEL_FLAGS[cfg["model"]], "--dropout", str(cfg["dropout"]),
@@ -201,7 +201,7 @@ def train_cmd(data: str, save: str, flags, seed: int, cfg: dict, patience: int =
             "--eval-bleu", "--eval-bleu-args", json.dumps(VALID_GEN), "--eval-bleu-detok", "space",
             "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
             *(["--patience", str(patience)] if patience else []),
-            "--save-dir", save, "--no-epoch-checkpoints", "--cpu", "--num-workers", "0",
+            "--save-dir", save, "--no-epoch-checkpoints", *device_flags, "--num-workers", "0",
             "--log-format", "json", "--log-interval", "10", "--no-progress-bar", *flags]
 
 
@@ -349,13 +349,14 @@ def paired(a: dict, b: dict) -> dict:
 
 # -- one run ------------------------------------------------------------------------------
 
-def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, cfg: dict) -> dict:
-    """Train + test one (variant, seed); the result JSON in <out>/<SUITE> is the record."""
+def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, cfg: dict,
+            where: quality_jobs.Placement = quality_jobs.Placement()) -> dict:
+    """Train + test one (variant, seed) on ``where``; the result JSON in <out>/<SUITE> is the record."""
     save = save_dir(work, name, seed, cfg, flags)
-    train = train_cmd(data, save, resolve_flags(flags, work, seed, cfg), seed, cfg)
+    train = train_cmd(data, save, resolve_flags(flags, work, seed, cfg), seed, cfg, device_flags=where.flags)
     os.makedirs(save, exist_ok=True)
     log = os.path.join(save, "train.log")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = where.env(os.environ)
     resumed = os.path.exists(os.path.join(save, "checkpoint_last.pt"))
     print(f"quality {name} seed {seed}: fairseq-train, {cfg['epochs']} epochs"
           + (" (continuing from checkpoint_last.pt)" if resumed else "") + f" -> {log}", flush=True)
@@ -367,11 +368,11 @@ def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, c
     bleu = _scorer()
     # the length penalty this run's validation prefers (reported beside lenpen 1)
     valid_refs = references("val", cfg["valid_sentences"])
-    valid_bleu = {lp: bleu.corpus_score(decode(data, ckpt, "valid", lp, env, len(valid_refs)), [valid_refs]).score
+    valid_bleu = {lp: bleu.corpus_score(decode(data, ckpt, "valid", lp, env, len(valid_refs), where.flags), [valid_refs]).score
                   for lp in LENPENS}
     chosen = max(sorted(valid_bleu), key=lambda lp: (valid_bleu[lp], lp == 1.0))
     refs = references("test_2016_flickr", cfg["test_sentences"])
-    test = {lp: decode(data, ckpt, "test", lp, env, len(refs)) for lp in sorted({1.0, chosen})}
+    test = {lp: decode(data, ckpt, "test", lp, env, len(refs), where.flags) for lp in sorted({1.0, chosen})}
     score = bleu.corpus_score(test[1.0], [refs])
     chosen_score = bleu.corpus_score(test[chosen], [refs])
     os.makedirs(os.path.join(out, SUITE), exist_ok=True)
@@ -382,7 +383,7 @@ def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, c
     best = max(valid, key=lambda x: (x[0], -x[1])) if valid else (None, None)
     result = {"variant": name, "method": adv_method(flags), "seed": seed, "flags": flags, "config": cfg,
               "test_sacrebleu": score.score, "test_sacrebleu_text": str(score), "signature": str(bleu.get_signature()),
-              "test_bp": score.bp, "test_ratio": score.ratio, "device": "cpu", "machine": common.machine(),
+              "test_bp": score.bp, "test_ratio": score.ratio, "device": where.name(), "machine": common.machine(),
               "valid_bleu_by_lenpen": {str(lp): v for lp, v in valid_bleu.items()}, "lenpen_chosen": chosen,
               "test_sacrebleu_lenpen": chosen_score.score, "test_sacrebleu_lenpen_text": str(chosen_score),
               "best_valid_bleu": best[0], "best_epoch": best[1], "epochs_run": per_epoch[-1]["epoch"] if per_epoch else 0,
@@ -409,13 +410,13 @@ def references(split: str, n: int) -> list:
         return [line.rstrip("\n") for _, line in zip(range(n), f)]
 
 
-def decode(data: str, ckpt: str, subset: str, lenpen: float, env, n: int) -> list:
+def decode(data: str, ckpt: str, subset: str, lenpen: float, env, n: int, device_flags=("--cpu",)) -> list:
     """fairseq-generate's hypotheses of the ``n`` sentences of ``subset``, in order (beam 5)."""
     gen = subprocess.run(_progress().console_cmd(
         ["fairseq-generate", data, "--user-dir", common.USER_DIR, "--task", "arch_translation",
          "--path", ckpt, "--gen-subset", subset, "--beam", "5", "--lenpen", str(lenpen),
          "--max-len-a", str(MAX_LEN[0]), "--max-len-b", str(MAX_LEN[1]),
-         "--batch-size", "128", "--required-batch-size-multiple", "1", "--cpu"]),
+         "--batch-size", "128", "--required-batch-size-multiple", "1", *device_flags]),
         capture_output=True, text=True, env=env, check=True)
     hyps = {}
     for line in gen.stdout.splitlines():
@@ -554,11 +555,7 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
         lines += [f"{', '.join(pretrained)}: `{NONE_BEST}` = the best checkpoint of the same seed's `none` run (its "
                   "embeddings give the neighbours, as the paper's pre-trained W); that run's training is not in the "
                   "variant's wall-clock (add none's).", ""]
-    if results:
-        overfit = [f"{r['variant']} s{r['seed']}: best epoch {r['best_epoch']} of {r['epochs_run']}"
-                   for r in results if r["variant"] == "none"]
-        if overfit:
-            lines += ["Overfitting regime check (none must peak before the last epoch): " + "; ".join(overfit) + ".", ""]
+    lines += overfitting_lines(results)
 
     # paired differences
     pairs_ = [(v, "none") for v in order if v != "none"]
@@ -613,6 +610,23 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
         lines.append(f"sacreBLEU signature: {results[0]['signature']} (tokenised, lowercased references: the Multi30k "
                      f"tok/ files)")
     return "\n".join(lines), {"summary": summary, "paired": diffs, "goals": goals, "missing": missing}
+
+
+def overfitting_lines(results: list, share: float = 0.75) -> list:
+    """The overfitting-regime rule of issue 19, judged on the finished runs: none's best
+    validation epoch at or before ``share`` of the epochs, and no run's best in its last epoch."""
+    nones = [r for r in results if r["variant"] == "none"]
+    if not nones:
+        return []
+    marks = []
+    for r in nones:
+        limit = int(share * r["epochs_run"])
+        marks.append(f"s{r['seed']}: best epoch {r['best_epoch']} of {r['epochs_run']} "
+                     f"({'met' if r['best_epoch'] <= limit else f'NOT met, after {limit}'})")
+    last = [f"{r['variant']} s{r['seed']}" for r in results if r["best_epoch"] == r["epochs_run"]]
+    return [f"Overfitting regime check (none's best validation epoch at or before {share:.0%} of the epochs): "
+            + "; ".join(marks) + ". Runs whose best validation epoch is their last: "
+            + (", ".join(last) if last else "none") + ".", ""]
 
 
 def calibration_text(c: dict) -> str:
@@ -748,7 +762,8 @@ def calibrate(args, cfg, data):
 
 def main(args):
     global SUITE
-    SUITE = getattr(args, "suite", None) or SUITE
+    where = quality_jobs.placement_of(args)
+    SUITE = quality_jobs.suite_for(getattr(args, "suite", None) or SUITE, where.device)
     cfg = config_of(args)
     extra = extra_variants(getattr(args, "variant", None))
     plan = plan_of(args)
@@ -760,19 +775,27 @@ def main(args):
         return report(args, plan, cfg, extra)  # from the finished runs' JSONs, nothing trained
     data = data_bin(args.work, cfg["pairs"], cfg["valid_sentences"], cfg["test_sentences"])
     steps = _progress().Steps("quality run", len(plan), kinds=[m for m, _ in plan])
-    ran = False
+    pending = []
     for name, seed in plan:
-        flags = variant_flags(name, cfg, extra)
-        r = load_run(args.out, name, seed, cfg, flags)
+        r = load_run(args.out, name, seed, cfg, variant_flags(name, cfg, extra))
         if r:
             steps.skip()
             print(f"quality run {steps.i}/{steps.total}: {name} seed {seed}: test sacreBLEU "
                   f"{r['test_sacrebleu']:.2f} (finished earlier: {run_path(args.out, name, seed)})", flush=True)
-            continue
-        r = run_one(data, args.work, args.out, name, flags, seed, cfg)
-        ran = True
+        else:
+            pending.append((name, seed))
+
+    def start(name, seed):
+        return run_one(data, args.work, args.out, name, variant_flags(name, cfg, extra), seed, cfg, where)
+
+    def finished(name, seed, r):
         steps.done(f"{name} seed {seed}: test sacreBLEU {r['test_sacrebleu']:.2f}, best valid BLEU "
                    f"{r['best_valid_bleu']:.2f} at epoch {r['best_epoch']}")
         report(args, plan, cfg, extra)  # a stopped benchmark still reports
-    if not ran:
+
+    def after(run):  # the pretrained-neighbour variant reads the same seed's none checkpoint
+        return ("none", run[1]) if NONE_BEST in variant_flags(run[0], cfg, extra) else None
+
+    quality_jobs.run_all(pending, getattr(args, "jobs", 1), start, finished, after)
+    if not pending:
         report(args, plan, cfg, extra)  # everything reused: the report from the JSONs (and today's cost.json)
