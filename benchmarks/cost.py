@@ -45,15 +45,27 @@ PAPER_COUNTS = {
     "arch-refresh": lambda s: (s + 1, s + 1),
     "arch-reuse": (2, 1),
     "rdrop": (2, 1),
+    # issue 19's control and hybrid, not in Table 1 either: counted as the passes they share
+    # with R3F (zero-delta) and with ARCH (arch-rdrop: R-Drop's step, plus ARCH's ascent on a refresh)
+    "zero-delta": (2, 1),
+    "arch-rdrop-refresh": lambda s: (s + 1, s + 1),
+    "arch-rdrop-reuse": (2, 1),
 }
+# the rows timed besides the methods' own defaults: name -> criterion options (the quality v3
+# variants' flags: zero-delta with the symmetric KL, arch-rdrop at R-Drop's alpha)
+CONTROLS = {"zero-delta": {"adv_method": "zero-delta", "adv_kl": "symmetric"},
+            "arch-rdrop": {"adv_method": "arch-rdrop", "adv_lambda": 5.0}}
+# the rows with a refresh and a reuse update, amortised over a Tc cycle
+CACHED = ("arch", "arch-rdrop")
 
 
 def method_counts(name, steps):
-    """(ours, the paper's) (forwards, backwards) of ``name`` (a method, or arch-refresh /
-    arch-reuse) with S = ``steps``."""
+    """(ours, the paper's) (forwards, backwards) of ``name`` (a method, or a cached method's
+    ``-refresh`` / ``-reuse`` update) with S = ``steps``."""
     from fairseq_arch.methods import method_class
 
-    ours = method_class(name.split("-")[0]).passes(steps, refresh=name != "arch-reuse")
+    method = name.rpartition("-")[0] if name.endswith(("-refresh", "-reuse")) else name
+    ours = method_class(method).passes(steps, refresh=not name.endswith("-reuse"))
     paper = PAPER_COUNTS[name]
     return ours, paper(steps) if callable(paper) else paper
 
@@ -157,6 +169,9 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
     crits = {m: criterion_with(cfg_ref, task_ref, adv_method=m) for m in ("none", "r3f", "smart", "freelb", "rdrop")}
     crits["arch-refresh"] = crit_ref
     crits["arch-reuse"] = crit_use
+    crits["zero-delta"] = criterion_with(cfg_ref, task_ref, **CONTROLS["zero-delta"])
+    crits["arch-rdrop-refresh"] = criterion_with(cfg_ref, task_ref, **CONTROLS["arch-rdrop"])
+    crits["arch-rdrop-reuse"] = criterion_with(cfg_ref, task_use, **CONTROLS["arch-rdrop"])
 
     # the hot path's own work (issue 11, item 9): seeded init, cache reads (+ neighbour
     # rebuild) and fresh-row stores, per update, whatever the method; the reads alone too
@@ -175,7 +190,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
         c.space.init = timed(c.space.init, hot_time)
     task_ref.arch_cache.access.store_fresh = timed(task_ref.arch_cache.access.store_fresh, hot_time)
     opt = _TorchOptimizer(model.parameters(), lr=1e-4)
-    task_of = {m: task_use if m == "arch-reuse" else task_ref for m in crits}
+    task_of = {m: task_use if m.endswith("-reuse") else task_ref for m in crits}
 
     def train_step(m, batch):
         # as fairseq-train: the task's train_step runs the criterion and the backward(s)
@@ -211,7 +226,7 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
                 fwd.append(tf), bwd.append(tb), optim.append(to)
                 continue
             read_time["s"] = hot_time["s"] = 0.0
-            if m == "arch-reuse":
+            if m == "arch-reuse":  # (arch-rdrop-reuse reads the same rows: its reads are not prepared ahead)
                 reader.prefetch(batches[(r + 1) % len(batches)]["id"].cpu().numpy())
                 hidden = -(stats.host_s - stats.wait_s) if stats else 0.0
             dt, _ = _timed(lambda: update(m, batch))
@@ -241,22 +256,9 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
             "peak_joint_mib": peak["joint"].get(m), "peak_joint_vs_none":
                 peak["joint"][m] / peak["early"]["none"] if m in peak["joint"] else None,
         }
-    amort = (med["arch-refresh"] + (tc - 1) * med["arch-reuse"]) / tc
-    of_r, ob_r = rows["arch-refresh"]["fwd_bwd"]
-    rows["arch (amortised)"] = {
-        "seconds": amort, "vs_none": amort / med["none"], "vs_smart": amort / med["smart"],
-        "fwd_bwd": [round((of_r + 2 * (tc - 1)) / tc, 3), round((ob_r + (tc - 1)) / tc, 3)],
-        "table1_fwd_bwd": [round(2 + (steps - 1) / tc, 3), round(1 + steps / tc, 3)],
-        "predicted_vs_none": ((of_r + 2 * (tc - 1)) / tc * t_f + (ob_r + tc - 1) / tc * t_b + t_o) / base,
-        "table1_predicted_vs_none": ((2 + (steps - 1) / tc) * t_f + (1 + steps / tc) * t_b + t_o) / base,
-        "hot_path_share": (rows["arch-refresh"]["hot_path_share"] * med["arch-refresh"]
-                           + (tc - 1) * rows["arch-reuse"]["hot_path_share"] * med["arch-reuse"]) / tc / amort,
-    }
-    # a run's peak is its largest update's: ARCH's is the larger of its refresh and reuse epochs'
-    for key in ("peak", "peak_joint"):
-        mib = max(rows["arch-refresh"][f"{key}_mib"], rows["arch-reuse"][f"{key}_mib"])
-        rows["arch (amortised)"][f"{key}_mib"] = mib
-        rows["arch (amortised)"][f"{key}_vs_none"] = mib / peak["early"]["none"]
+    for method in CACHED:
+        rows[f"{method} (amortised)"] = amortised(rows, method, tc, steps, (t_f, t_b, t_o), peak["early"]["none"])
+    amort = rows["arch (amortised)"]["seconds"]
     store = task_use.arch_cache.store
     gen = os.path.join(store.dir, task_use.arch_cache.access.generation)
     disk = {s: os.path.getsize(os.path.join(gen, f"{s}.bin")) for s in store.sides}
@@ -281,6 +283,30 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
     }
 
 
+def amortised(rows: dict, method: str, tc: int, steps: int, parts, peak_none: float) -> dict:
+    """The row of ``method`` over a Tc cycle: one refresh update and Tc - 1 reuse updates
+    (seconds, counts, predictions, own work); its run's peak is its larger update's."""
+    ref, use = rows[f"{method}-refresh"], rows[f"{method}-reuse"]
+    t_f, t_b, t_o = parts
+    base = t_f + t_b + t_o
+    sec = (ref["seconds"] + (tc - 1) * use["seconds"]) / tc
+    smart = rows["smart"]["seconds"]
+    (of_r, ob_r), (of_u, ob_u) = ref["fwd_bwd"], use["fwd_bwd"]
+    f, b = (of_r + (tc - 1) * of_u) / tc, (ob_r + (tc - 1) * ob_u) / tc
+    out = {"seconds": sec, "vs_none": sec / rows["none"]["seconds"], "vs_smart": sec / smart,
+           "fwd_bwd": [round(f, 3), round(b, 3)],
+           "table1_fwd_bwd": [round(2 + (steps - 1) / tc, 3), round(1 + steps / tc, 3)],
+           "predicted_vs_none": (f * t_f + b * t_b + t_o) / base,
+           "table1_predicted_vs_none": ((2 + (steps - 1) / tc) * t_f + (1 + steps / tc) * t_b + t_o) / base,
+           "hot_path_share": (ref["hot_path_share"] * ref["seconds"]
+                              + (tc - 1) * use["hot_path_share"] * use["seconds"]) / tc / sec}
+    for key in ("peak", "peak_joint"):
+        mib = [r[f"{key}_mib"] for r in (ref, use) if r[f"{key}_mib"] is not None]
+        out[f"{key}_mib"] = max(mib) if mib else None
+        out[f"{key}_vs_none"] = max(mib) / peak_none if mib else None
+    return out
+
+
 def peak_memory(crits, task_of, train_step, opt, batches) -> dict:
     """Peak tensor bytes (MiB) of one train_step of every method on the same batch, the
     largest (sentences x target length): "early" as fairseq-train runs them, "joint" for
@@ -291,7 +317,7 @@ def peak_memory(crits, task_of, train_step, opt, batches) -> dict:
     tasks = set(task_of.values())
     for m in crits:
         for kind in ("early", "joint"):
-            if kind == "joint" and m not in ("r3f", "smart", "arch-refresh", "arch-reuse"):
+            if kind == "joint" and m not in ("r3f", "smart", "arch-refresh", "arch-reuse", "zero-delta"):
                 continue
             for t in tasks:
                 t.early_clean_backward = kind == "early"

@@ -270,29 +270,34 @@ def cost_row(method: str, fwd_per_batch) -> str:
     (logged forwards per batch): a refresh (> 2), a reuse epoch (2), or plain CE before the
     first refresh epoch (1)."""
     if method not in ("arch", "arch-rdrop"):
-        return PRICED_AS.get(method, method)
+        return method
     if fwd_per_batch is None or fwd_per_batch > 2.5:
         return f"{method}-refresh"
     return f"{method}-reuse" if fwd_per_batch > 1.5 else "none"
 
 
-# Rows cost.json does not measure, priced from measured rows with the same passes (not
-# measured themselves; the report says so): zero-delta is r3f's step without the seeded noise
-# (an upper bound); arch-rdrop's reuse epochs are R-Drop's step plus the cache read (under 1%
-# of a step on CPU: cost.json's own-work column), its refresh epochs R-Drop's step plus ARCH's
-# ascent (arch-refresh - arch-reuse)
-PRICED_AS = {"zero-delta": "r3f"}
-COMPOSED = {"arch-rdrop-reuse": (("rdrop", 1),), "arch-rdrop-refresh": (("rdrop", 1), ("arch-refresh", 1),
-                                                                         ("arch-reuse", -1))}
+# Rows that a cost.json from before they were measured (2026-11-26) lacks, priced from measured
+# rows with the same passes; the report says which rows were priced this way: zero-delta is
+# r3f's step without the seeded noise (an upper bound); arch-rdrop's reuse epochs are R-Drop's
+# step plus the cache read (under 1% of a step on CPU: cost.json's own-work column), its
+# refresh epochs R-Drop's step plus ARCH's ascent (arch-refresh - arch-reuse)
+PRICED_AS = {"zero-delta": (("r3f", 1),), "arch-rdrop-reuse": (("rdrop", 1),),
+             "arch-rdrop-refresh": (("rdrop", 1), ("arch-refresh", 1), ("arch-reuse", -1))}
 
 
 def row_seconds(rows: dict, name: str):
-    """Seconds per update of cost.json row ``name``, or of its composition (COMPOSED); None
+    """Seconds per update of cost.json row ``name``, else of its pricing (PRICED_AS); None
     when a row it needs is missing."""
-    parts = COMPOSED.get(name, ((name, 1),)) if name not in rows else ((name, 1),)
+    parts = ((name, 1),) if name in rows else PRICED_AS.get(name, ((name, 1),))
     if any(p not in rows for p, _ in parts):
         return None
     return sum(k * rows[p]["seconds"] for p, k in parts)
+
+
+def priced_rows(cost) -> list:
+    """The PRICED_AS rows this cost.json lacks (priced, not measured)."""
+    rows = cost["methods"] if cost else {}
+    return [name for name in PRICED_AS if name not in rows]
 
 
 def derived_seconds(method: str, per_epoch: list, cost) -> list:
@@ -544,7 +549,8 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
               "cost.json times a 3+3-layer d=128 model on 3000 pairs: absolute minutes are for that model and that "
               "load, the ratios between methods are what carries over. The measured training seconds "
               "come from a machine shared with other jobs and are not comparable between runs.", ""]
-    estimated = [v for v in summary if adv_method(summary[v]["flags"]) in ("zero-delta", "arch-rdrop")]
+    unmeasured = {n.rpartition("-")[0] if n.endswith(("-refresh", "-reuse")) else n for n in priced_rows(cost)}
+    estimated = [v for v in summary if adv_method(summary[v]["flags"]) in unmeasured]
     if estimated:
         lines += [f"{', '.join(estimated)}: cost.json has no row of their own; priced from measured rows with the same "
                   "passes, not measured: zero-delta as r3f (its step without the seeded noise), arch-rdrop's reuse "
