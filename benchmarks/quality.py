@@ -779,6 +779,8 @@ def main(args):
         variant_flags(name, cfg, extra)  # unknown names fail before anything runs
     if getattr(args, "report_only", False):
         return report(args, plan, cfg, extra)  # from the finished runs' JSONs, nothing trained
+    print(f"quality: runs on {where.name()}, {getattr(args, 'jobs', 1)} at a time, results in "
+          f"{os.path.join(args.out, SUITE)}", flush=True)  # (a missing GPU is refused here, before any run)
     data = data_bin(args.work, cfg["pairs"], cfg["valid_sentences"], cfg["test_sentences"])
     steps = _progress().Steps("quality run", len(plan), kinds=[m for m, _ in plan])
     pending = []

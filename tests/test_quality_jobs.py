@@ -105,3 +105,20 @@ def test_overfitting_rule_is_judged_per_none_run():
     assert "s1: best epoch 45 of 60 (met)" in line and "s2: best epoch 58 of 60 (NOT met, after 45)" in line
     assert line.endswith("Runs whose best validation epoch is their last: arch s1.")
     assert quality.overfitting_lines(runs[2:]) == []
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_run(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(quality, "SUITE", quality.SUITE)  # main() sets the module's suite: restored after
+    monkeypatch.setattr(quality, "data_bin", lambda *a: pytest.fail("prepared data for a run that cannot start"))
+
+    class Args:
+        device, jobs, suite, methods, seeds, multi_seed_methods = "cuda", 2, "quality_v3", "none", "1", "none"
+        train_pairs, valid_sentences, epochs, dropout, lr, warmup, max_tokens = 100, 10, 2, 0.1, 1e-3, 10, 100
+        out, work = str(tmp_path / "out"), str(tmp_path / "work")
+
+    with pytest.raises(SystemExit, match="--device cuda, but torch sees no GPU here"):
+        quality.main(Args)
+    assert quality.SUITE == "quality_v3-cuda"
