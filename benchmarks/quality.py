@@ -695,7 +695,8 @@ def report(args, plan, cfg, extra):
         info["choices"] = weight_choice.choose(results)
         test = {v: {s: r["test_sacrebleu"] for s, r in runs.items()} for v, runs in _by_variant(results).items()}
         seconds = {v: row.get("derived_seconds") for v, row in info["summary"].items()}
-        goal_lines, info["goals_v3"] = goals_v3.lines(results, test, seconds, paired, _diff_text)
+        rdrop = info["choices"].get("rdrop alpha", {}).get("variant") or "rdrop"
+        goal_lines, info["goals_v3"] = goals_v3.lines(results, test, seconds, paired, _diff_text, rdrop)
         md = "\n".join([md, ""] + weight_choice.markdown(info["choices"]) + goal_lines
                         + significance_lines(args.out, results, info, cfg)
                        + quality_plots.write(args.out, name, info, common.machine()))

@@ -54,3 +54,15 @@ def test_the_best_arch_configuration_is_chosen_on_validation_and_judged_on_test(
     _, costly = goals_v3.lines(runs, test, {"arch-w2.5": 120.0, "rdrop": 95.0}, quality.paired, quality._diff_text)
     assert costly["goals"][0]["met"] == "NOT met", "1.26x rdrop's cost passed the 1.1x bound"
     assert record["dropout_share"]["rdrop - none"]["n"] == 2 and "- arch-code - zero-delta: no paired seeds yet" in lines
+    # against R-Drop at the alpha its validation chose (here 2.5, test BLEU below alpha 5's), with
+    # alpha 5 reported beside
+    runs += [run("rdrop-w2.5", 1, 24.6, 20.0), run("rdrop-w2.5", 2, 24.6, 20.0)]
+    test["rdrop-w2.5"] = {1: 20.0, 2: 20.0}
+    chosen = quality.weight_choice.choose(runs)["rdrop alpha"]["variant"]
+    assert chosen == "rdrop-w2.5"
+    lines, record = goals_v3.lines(runs, test, {"arch-w2.5": 100.0, "rdrop-w2.5": 95.0}, quality.paired,
+                                   quality._diff_text, chosen)
+    assert record["goals"][0]["goal"].startswith("best ARCH - rdrop-w2.5 >= +0.3") and record["goals"][0]["met"] == "met"
+    assert "cost 1.05x rdrop-w2.5's" in record["goals"][0]["measured"]
+    assert record["vs_rdrop_paper_alpha"]["mean"] == pytest.approx(0.61)
+    assert any(l.startswith("| best ARCH - rdrop (R-Drop's paper alpha 5, reported) | +0.61") for l in lines)
