@@ -53,6 +53,9 @@ def main():
                     help="quality: variants (benchmarks/quality.py VARIANTS, or --variant)")
     ap.add_argument("--multi-seed-methods", default="none,arch,arch-neighbor,r3f,smart,rdrop,arch-p1,arch-pretrained",
                     help="quality: variants run with every seed")
+    ap.add_argument("--seeds-for", action="append", metavar="VARIANT=SEEDS",
+                    help="quality: the seeds of one variant, overriding --seeds and --multi-seed-methods "
+                         "(repeatable), e.g. --seeds-for arch-w5=1,2 --seeds-for smart=1,2,3")
     ap.add_argument("--variant", action="append", metavar="NAME='FLAGS'",
                     help="quality: define a variant, e.g. --variant \"arch-tc5=--adv-method arch --arch-refresh-interval 5\"")
     ap.add_argument("--epochs", type=int, default=QUALITY_EPOCHS, help="quality: epochs per run (every method)")
@@ -64,6 +67,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=4096, help="quality: tokens per batch")
     ap.add_argument("--report-only", action="store_true",
                     help="quality: rewrite the report from the finished runs' JSONs; train nothing")
+    ap.add_argument("--fill-lenpens", action="store_true",
+                    help="quality: decode validation at the length penalties a finished run lacks (from its "
+                         "checkpoint under --work), choose again, then write the report; train nothing")
     ap.add_argument("--calibrate", action="store_true",
                     help="quality: only run none (first seed) for --epochs with --patience 8 and record its valid BLEU curve")
     ap.add_argument("--calibrate-patience", type=int, default=8,

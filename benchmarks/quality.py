@@ -22,7 +22,7 @@ import shlex
 import statistics
 import subprocess
 
-from . import common, goals_v3, quality_jobs, quality_plots, significance, weight_choice
+from . import common, goals_v3, lenpen_choice, quality_jobs, quality_plots, significance, weight_choice
 
 MODEL = [
     "--arch", "transformer", "--share-all-embeddings",
@@ -374,8 +374,8 @@ def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, c
     # the length penalty this run's validation prefers (reported beside lenpen 1)
     valid_refs = references("val", cfg["valid_sentences"])
     valid_bleu = {lp: bleu.corpus_score(decode(data, ckpt, "valid", lp, env, len(valid_refs), where.flags), [valid_refs]).score
-                  for lp in LENPENS}
-    chosen = max(sorted(valid_bleu), key=lambda lp: (valid_bleu[lp], lp == 1.0))
+                  for lp in lenpen_choice.LENPENS}
+    chosen = lenpen_choice.choose(valid_bleu)
     refs = references("test_2016_flickr", cfg["test_sentences"])
     test = {lp: decode(data, ckpt, "test", lp, env, len(refs), where.flags) for lp in sorted({1.0, chosen})}
     score = bleu.corpus_score(test[1.0], [refs])
@@ -399,9 +399,31 @@ def run_one(data: str, work: str, out: str, name: str, flags: list, seed: int, c
     return result
 
 
-# length penalties tried on validation (beam 5): regularisers change output length, so each
-# run's BLEU is also reported at the lenpen its own validation prefers
-LENPENS = (0.6, 1.0, 1.4)
+def fill_lenpens(args, plan, cfg, extra, where) -> None:
+    """Decodes validation at the lenpens a finished run lacks (``lenpen_choice.LENPENS`` grew
+    after it ran) from its checkpoint_best.pt under --work, and rewrites its JSON; a run
+    whose checkpoint is gone is named and kept as it is."""
+    data = data_bin(args.work, cfg["pairs"], cfg["valid_sentences"], cfg["test_sentences"])
+    bleu, env = _scorer(), where.env(os.environ)
+    for name, seed in plan:
+        flags = variant_flags(name, cfg, extra)
+        r = load_run(args.out, name, seed, cfg, flags)
+        if not r or not lenpen_choice.missing(r):
+            continue
+        ckpt = os.path.join(save_dir(args.work, name, seed, cfg, flags), "checkpoint_best.pt")
+        if not os.path.exists(ckpt):
+            print(f"quality {name} seed {seed}: no {ckpt}: lenpens {lenpen_choice.missing(r)} not decoded", flush=True)
+            continue
+
+        def score(subset, split, n, lp):
+            refs = references(split, n)
+            return bleu.corpus_score(decode(data, ckpt, subset, lp, env, len(refs), where.flags), [refs])
+
+        lenpen_choice.fill(r, lambda lp: score("valid", "val", cfg["valid_sentences"], lp).score,
+                           lambda lp: score("test", "test_2016_flickr", cfg["test_sentences"], lp))
+        write_run(args.out, r)
+        print(f"quality {name} seed {seed}: valid BLEU by lenpen {r['valid_bleu_by_lenpen']}, chosen "
+              f"{r['lenpen_chosen']}: test {r['test_sacrebleu_lenpen']:.2f}", flush=True)
 
 
 def _scorer():
@@ -492,7 +514,9 @@ def length_columns(runs: dict) -> dict:
         out["bp_ratio_text"] = f"{out['bp']:.3f} / {out['ratio']:.3f}"
     if all("test_sacrebleu_lenpen" in r for r in rs):
         out["lenpen_mean"] = statistics.mean(r["test_sacrebleu_lenpen"] for r in rs)
-        out["lenpen_text"] = f"{out['lenpen_mean']:.2f} ({', '.join('%g' % r['lenpen_chosen'] for r in rs)})"
+        edge = any(lenpen_choice.on_edge(r["lenpen_chosen"], lenpen_choice.known(r)) for r in rs)
+        out["lenpen_text"] = (f"{out['lenpen_mean']:.2f} ({', '.join('%g' % r['lenpen_chosen'] for r in rs)}"
+                              + ("; on the grid's edge" if edge else "") + ")")
     return out
 
 
@@ -514,7 +538,9 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
              f"per seed; ARCH Tc={cfg['tc']})", "",
              f"Best checkpoint = best validation BLEU (greedy, fairseq --eval-bleu, first {cfg['valid_sentences']} "
              f"sentences of Multi30k val); test = test_2016_flickr ({cfg['test_sentences']} sentences), beam 5, "
-             f"sacreBLEU; hypotheses at most {MAX_LEN[0]} x source + {MAX_LEN[1]} tokens.", ""]
+             f"sacreBLEU; hypotheses at most {MAX_LEN[0]} x source + {MAX_LEN[1]} tokens. Each run is also scored at "
+             f"the length penalty its own validation BLEU prefers among {', '.join('%g' % lp for lp in lenpen_choice.LENPENS)} "
+             "(beam 5; runs decoded before the grid had 0 and 0.3 say so in their JSON's valid_bleu_by_lenpen).", ""]
     if calibration:
         lines += [calibration_text(calibration), ""]
     lines += ["| variant | flags | seeds | test sacreBLEU mean | std | per seed | BP / length ratio (mean) "
@@ -662,14 +688,35 @@ def load_calibration(out: str, cfg: dict):
 # -- main ---------------------------------------------------------------------------------
 
 def plan_of(args) -> list:
-    """[(variant, seed)], most informative first: the multi-seed variants seed by seed (none s1,
-    arch s1, none s2, ...), then the others with the first seed."""
+    """[(variant, seed)], most informative first: the paired variants seed by seed (none s1,
+    arch s1, none s2, ...), then the others with the first seed. A variant runs the seeds
+    ``--seeds-for`` gives it, else every seed when it is a multi-seed variant."""
     names = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     multi = set(m for m in args.multi_seed_methods.split(",") if m)
-    plan = [(m, s) for s in seeds for m in names if m in multi]
-    plan += [(m, seeds[0]) for m in names if m not in multi]
-    return plan
+    own = seeds_for(getattr(args, "seeds_for", None), names)
+    paired = {m: own.get(m, seeds) for m in names if m in multi or m in own}
+    order = sorted(set(seeds).union(*paired.values()), key=lambda s: (s not in seeds, s))
+    plan = [(m, s) for s in order for m in names if s in paired.get(m, ())]
+    return plan + [(m, seeds[0]) for m in names if m not in paired]
+
+
+def seeds_for(specs, names) -> dict:
+    """``--seeds-for VARIANT=1,2`` (repeatable) -> {variant: [1, 2]}; a variant not in
+    --methods is an error, not a run silently left out."""
+    out = {}
+    for spec in specs or []:
+        name, eq, seeds = spec.partition("=")
+        name = name.strip()
+        if not eq or not name or name not in names:
+            raise SystemExit(f"quality: --seeds-for wants VARIANT=SEEDS with VARIANT in --methods, got {spec!r}")
+        try:
+            out[name] = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise SystemExit(f"quality: --seeds-for {spec!r}: seeds are integers") from None
+        if not out[name]:
+            raise SystemExit(f"quality: --seeds-for {spec!r} names no seed")
+    return out
 
 
 def extra_variants(specs) -> dict:
@@ -778,7 +825,9 @@ def main(args):
         return calibrate(args, cfg, data_bin(args.work, cfg["pairs"], cfg["valid_sentences"], cfg["test_sentences"]))
     for name, _ in plan:
         variant_flags(name, cfg, extra)  # unknown names fail before anything runs
-    if getattr(args, "report_only", False):
+    if getattr(args, "fill_lenpens", False):
+        fill_lenpens(args, plan, cfg, extra, where)
+    if getattr(args, "report_only", False) or getattr(args, "fill_lenpens", False):
         return report(args, plan, cfg, extra)  # from the finished runs' JSONs, nothing trained
     print(f"quality: runs on {where.name()}, {getattr(args, 'jobs', 1)} at a time, results in "
           f"{os.path.join(args.out, SUITE)}", flush=True)  # (a missing GPU is refused here, before any run)

@@ -173,6 +173,14 @@ def test_quality_plan_runs_the_paired_seeds_first():
     args = SimpleNamespace(methods="none,arch,r3f,smart,rdrop,arch-paper", seeds="1,2,3", multi_seed_methods="none,arch")
     assert quality.plan_of(args) == [("none", 1), ("arch", 1), ("none", 2), ("arch", 2), ("none", 3), ("arch", 3),
                                      ("r3f", 1), ("smart", 1), ("rdrop", 1), ("arch-paper", 1)]
+    # a grid point keeps its 2 seeds and smart its 3 while the chosen variants run 6
+    args.seeds_for = ["smart=1,2,3", "r3f=1,2"]
+    assert quality.plan_of(args) == [("none", 1), ("arch", 1), ("r3f", 1), ("smart", 1), ("none", 2), ("arch", 2),
+                                     ("r3f", 2), ("smart", 2), ("none", 3), ("arch", 3), ("smart", 3),
+                                     ("rdrop", 1), ("arch-paper", 1)]
+    for bad in (["typo=1,2"], ["smart"], ["smart=one"], ["smart="]):
+        with pytest.raises(SystemExit, match="--seeds-for"):
+            quality.plan_of(SimpleNamespace(methods="none,smart", seeds="1,2", multi_seed_methods="none", seeds_for=bad))
     cfg = {"tc": 7}
     assert quality.variant_flags("arch", cfg, {})[-2:] == ["--arch-refresh-interval", "7"]
     assert quality.variant_flags("rdrop", cfg, {}) == ["--adv-method", "rdrop", "--adv-lambda", "5.0"]
@@ -277,6 +285,19 @@ def test_quality_benchmark_reports_paired_differences_and_resumes(tmp_path):
     assert only.returncode == 0, only.stdout[-2000:] + only.stderr[-3000:]
     assert "fairseq-train" not in only.stdout and not os.path.exists(tmp_path / "work3" / "quality_v2")
     assert "Missing runs: r3f-s1." in open(tmp_path / "out" / "quality.md").read()
+    # --fill-lenpens: a run decoded before the grid grew gets the missing lenpens from its checkpoint
+    path = tmp_path / "out" / "quality_v2" / "none-s1.json"
+    r = json.load(open(path))
+    assert sorted(map(float, r["valid_bleu_by_lenpen"])) == [0.0, 0.3, 0.6, 1.0, 1.4]
+    old = {k: v for k, v in r["valid_bleu_by_lenpen"].items() if k in ("0.6", "1.0", "1.4")}
+    json.dump(dict(r, valid_bleu_by_lenpen=old, lenpen_chosen=1.0), open(path, "w"))
+    fill = utils.run([sys.executable, "-m", "benchmarks", *tiny, "--fill-lenpens", "--out", str(tmp_path / "out"),
+                      "--work", str(tmp_path / "work")], timeout=900, cwd=utils.REPO, env=ENV,
+                     capture_output=True, text=True)
+    assert fill.returncode == 0, fill.stdout[-2000:] + fill.stderr[-3000:]
+    assert "fairseq-train" not in fill.stdout and fill.stdout.count("valid BLEU by lenpen") == 1
+    filled = json.load(open(path))
+    assert filled["valid_bleu_by_lenpen"] == r["valid_bleu_by_lenpen"] and filled["lenpen_chosen"] == r["lenpen_chosen"]
 
 
 @pytest.mark.fast
