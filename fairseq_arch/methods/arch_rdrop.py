@@ -27,9 +27,12 @@ class ARCHRDrop(UsesArchCache, Method):
         lp1, target = crit.get_lprobs_and_target(model, out1, sample)
         ls1, nll1 = label_smoothed_nll_loss(lp1, target, crit.eps, ignore_index=crit.padding_idx, reduce=True)
         result = StepResult(ls1, ls1, nll1, ls1.new_zeros(()), net_output=out1, fwd=1)
-        teacher = crit.teacher(lp1, target, sample)  # detached: the ascent's objective only
-        delta = crit.space.zeros(core, masks) if crit.dummy_batch else \
-            arch_perturbation(crit, core, sample, masks, teacher, result)
+        if crit.dummy_batch:
+            delta = crit.space.zeros(core, masks)
+        else:  # the detached teacher is the ascent's objective only: reuse epochs never read it
+            refresh = crit.task.arch_cache is not None and crit.task.arch_cache.mode == "refresh"
+            teacher = crit.teacher(lp1, target, sample) if refresh else None
+            delta = arch_perturbation(crit, core, sample, masks, teacher, result)
         if delta is None:  # a non-finite ascent: this batch trains on the first branch's CE
             result.skipped, result.bwd = 1, result.bwd + 1
             return result
