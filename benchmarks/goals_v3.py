@@ -36,10 +36,13 @@ def best_arch(results: List[dict]) -> Dict[str, object]:
 
 
 def lines(results: List[dict], test: Dict[str, Dict[int, float]], seconds: Dict[str, Optional[float]],
-          paired: Callable, diff_text: Callable, rdrop: str = "rdrop") -> (List[str], dict):
+          paired: Callable, diff_text: Callable, rdrop: str = "rdrop",
+          test_lenpen: Optional[Dict[str, Dict[int, float]]] = None) -> (List[str], dict):
     """Markdown lines and the JSON record of the goals; ``test``: {variant: {seed: test BLEU}},
     ``seconds``: each variant's cost-derived wall-clock per run, ``paired``/``diff_text``: the
-    report's paired difference and its text; ``rdrop``: the R-Drop variant the validation chose."""
+    report's paired difference and its text; ``rdrop``: the R-Drop variant the validation chose;
+    ``test_lenpen``: the test BLEU at each run's validation-chosen lenpen, whose difference is
+    reported beside each one (the goals are judged at lenpen 1)."""
     pick = best_arch(results)
     best = pick["variant"]
     out = ["Issue 19's goals (the best ARCH configuration chosen on validation BLEU only, among the ARCH variants "
@@ -48,14 +51,19 @@ def lines(results: List[dict], test: Dict[str, Dict[int, float]], seconds: Dict[
                                               if best else "none yet") + "):", "",
            "| goal | measured | met |", "|---|---|---|"]
     record = {"best_arch": pick, "goals": [], "dropout_share": {}}
+    test_lenpen = test_lenpen or {}
 
-    def goal(text, p, threshold, extra_ok=True, note=""):
+    def at_lenpen(a, b):
+        p = paired(test_lenpen.get(a, {}), test_lenpen.get(b, {}))
+        return f"; at each run's validation-chosen lenpen: {diff_text(p)}" if p["n"] else ""
+
+    def goal(text, p, other, threshold, extra_ok=True, note=""):
         if best is None or not p or not p["n"]:
             state, value = "not measured", "n/a"
         else:
             ok = p["mean"] >= threshold and p["ci"] is not None and p["ci"][0] > 0 and extra_ok
             state = ("met" if ok else "NOT met") + (" (n=1: no CI)" if p["ci"] is None else "")
-            value = diff_text(p) + note
+            value = diff_text(p) + note + at_lenpen(best, other)
         record["goals"].append({"goal": text, "measured": value, "met": state})
         out.append(f"| {text} | {value} | {state} |")
 
@@ -68,16 +76,16 @@ def lines(results: List[dict], test: Dict[str, Dict[int, float]], seconds: Dict[
             note = f"; cost {a / r:.2f}x {rdrop}'s" if a is not None and r else "; cost not measured"
         text = f"best ARCH - {other} >= {threshold:+.1f} sacreBLEU, 95% CI above 0" + (
             f", at <= 1.1x its cost ({other}: R-Drop at the validation's alpha)" if other == rdrop else "")
-        goal(text, p, threshold, extra_ok, note)
+        goal(text, p, other, threshold, extra_ok, note)
     if best and rdrop != "rdrop":
         p = paired(test.get(best, {}), test.get("rdrop", {}))
         record["vs_rdrop_paper_alpha"] = p
-        out.append(f"| best ARCH - rdrop (R-Drop's paper alpha 5, reported) | {diff_text(p) if p['n'] else 'n/a'} "
-                   "| (no goal) |")
+        out.append(f"| best ARCH - rdrop (R-Drop's paper alpha 5, reported) | "
+                   f"{diff_text(p) + at_lenpen(best, 'rdrop') if p['n'] else 'n/a'} | (no goal) |")
     out += ["", "Dropout share (reported, no goal): how much of the official recipe's gain is dropout consistency "
             "(zero-delta: the same two dropout passes and KL with delta = 0):", ""]
     for a, b in DROPOUT_SHARE:
         p = paired(test.get(a, {}), test.get(b, {}))
         record["dropout_share"][f"{a} - {b}"] = p
-        out.append(f"- {a} - {b}: {diff_text(p)}")
+        out.append(f"- {a} - {b}: {diff_text(p)}{at_lenpen(a, b)}")
     return out + [""], record

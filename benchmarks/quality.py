@@ -743,7 +743,9 @@ def report(args, plan, cfg, extra):
         test = {v: {s: r["test_sacrebleu"] for s, r in runs.items()} for v, runs in _by_variant(results).items()}
         seconds = {v: row.get("derived_seconds") for v, row in info["summary"].items()}
         rdrop = info["choices"].get("rdrop alpha", {}).get("variant") or "rdrop"
-        goal_lines, info["goals_v3"] = goals_v3.lines(results, test, seconds, paired, _diff_text, rdrop)
+        test_lenpen = {v: {s: r["test_sacrebleu_lenpen"] for s, r in runs.items() if "test_sacrebleu_lenpen" in r}
+                       for v, runs in _by_variant(results).items()}
+        goal_lines, info["goals_v3"] = goals_v3.lines(results, test, seconds, paired, _diff_text, rdrop, test_lenpen)
         md = "\n".join([md, ""] + weight_choice.markdown(info["choices"]) + goal_lines
                         + significance_lines(args.out, results, info, cfg)
                        + quality_plots.write(args.out, name, info, common.machine()))

@@ -66,3 +66,11 @@ def test_the_best_arch_configuration_is_chosen_on_validation_and_judged_on_test(
     assert "cost 1.05x rdrop-w2.5's" in record["goals"][0]["measured"]
     assert record["vs_rdrop_paper_alpha"]["mean"] == pytest.approx(0.61)
     assert any(l.startswith("| best ARCH - rdrop (R-Drop's paper alpha 5, reported) | +0.61") for l in lines)
+    # the difference at each run's validation-chosen lenpen is reported beside, the goal judged at lenpen 1
+    test_lenpen = {"arch-w2.5": {1: 22.0, 2: 22.0}, "rdrop-w2.5": {1: 21.0, 2: 21.5}, "none": {1: 19.0}}
+    lines, record = goals_v3.lines(runs, test, {"arch-w2.5": 100.0, "rdrop-w2.5": 95.0}, quality.paired,
+                                   quality._diff_text, chosen, test_lenpen)
+    assert record["goals"][0]["met"] == "met"
+    assert "; at each run's validation-chosen lenpen: +0.75, 95% CI" in record["goals"][0]["measured"]
+    assert "; at each run's validation-chosen lenpen: +3.00 (n=1" in record["goals"][1]["measured"]
+    assert not any("validation-chosen lenpen" in l for l in lines if l.startswith("- rdrop - none"))
