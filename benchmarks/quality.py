@@ -532,49 +532,70 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
     by = {v: {r["seed"]: r for r in results if r["variant"] == v} for v in order}
     test = {v: {s: r["test_sacrebleu"] for s, r in rs.items()} for v, rs in by.items()}
 
-    lines = [f"### Quality at equal epochs {SUITE.rpartition('_')[2]} (Multi30k De-En, first {cfg['pairs']} training pairs, words seen < 3 "
-             f"times -> <unk>; {cfg.get('model', MODEL_TEXT)}, dropout {cfg['dropout']}; Adam lr {cfg['lr']}, inverse_sqrt, warmup "
-             f"{cfg['warmup']}, max-tokens {cfg['max_tokens']}; {cfg['epochs']} epochs for every method, same batches "
-             f"per seed; ARCH Tc={cfg['tc']})", "",
-             f"Best checkpoint = best validation BLEU (greedy, fairseq --eval-bleu, first {cfg['valid_sentences']} "
-             f"sentences of Multi30k val); test = test_2016_flickr ({cfg['test_sentences']} sentences), beam 5, "
-             f"sacreBLEU; hypotheses at most {MAX_LEN[0]} x source + {MAX_LEN[1]} tokens. Each run is also scored at "
-             f"the length penalty its own validation BLEU prefers among {', '.join('%g' % lp for lp in lenpen_choice.LENPENS)} "
-             "(beam 5; runs decoded before the grid had 0 and 0.3 say so in their JSON's valid_bleu_by_lenpen).", ""]
-    if calibration:
-        lines += [calibration_text(calibration), ""]
+    lines = header_lines(cfg) + ([calibration_text(calibration), ""] if calibration else [])
     lines += ["| variant | flags | seeds | test sacreBLEU mean | std | per seed | BP / length ratio (mean) "
               "| at each run's valid-chosen lenpen: mean (lenpens) | best valid BLEU (mean) | best epoch per seed "
               "| cost-derived wall-clock / run | measured training s / run (shared CPU, not comparable) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for v in order:
-        rs = by[v]
-        if not rs:
-            continue
-        b = [rs[s]["test_sacrebleu"] for s in sorted(rs)]
-        derived = [derived_seconds(r["method"], r["per_epoch"], cost)[-1] if r["per_epoch"] else None for r in rs.values()]
-        derived = None if any(d is None for d in derived) else statistics.mean(derived)
-        measured = [r["train_seconds_measured"] for r in rs.values() if r.get("train_seconds_measured") is not None]
-        s = {"n": len(b), "seeds": sorted(rs), "mean": statistics.mean(b), "std": statistics.stdev(b) if len(b) > 1 else None,
-             "best_valid_bleu": statistics.mean(r["best_valid_bleu"] for r in rs.values()),
-             "best_epoch": {s_: rs[s_]["best_epoch"] for s_ in sorted(rs)},
-             "derived_seconds": derived, "measured_seconds": statistics.mean(measured) if measured else None,
-             "flags": next(iter(rs.values()))["flags"]}
-        summary[v] = s
-        s.update(length_columns(rs))
-        lines.append(f"| {v} | `{' '.join(s['flags'])}` | {s['n']} | {s['mean']:.2f} | {_f(s['std'])} | "
-                     f"{', '.join('%.2f' % rs[x]['test_sacrebleu'] for x in sorted(rs))} | {s['bp_ratio_text']} | "
-                     f"{s['lenpen_text']} | {s['best_valid_bleu']:.2f} | "
-                     f"{', '.join(f's{x}: {e}' for x, e in s['best_epoch'].items())} | "
-                     f"{'n/a (no cost.json row)' if derived is None else f'{derived / 60:.1f} min'} | "
-                     f"{_f(s['measured_seconds'], 0)} |")
-    lines += ["", "Cost-derived wall-clock: every epoch's updates x the s/update that benchmarks/results/cost.json measured "
-              "for the method (its date and machine are in that file), in interleaved rounds, so that every method saw "
-              "the same load (ARCH epochs priced as refresh or reuse updates by the forwards per batch they logged). "
-              "cost.json times a 3+3-layer d=128 model on 3000 pairs: absolute minutes are for that model and that "
-              "load, the ratios between methods are what carries over. The measured training seconds "
-              "come from a machine shared with other jobs and are not comparable between runs.", ""]
+        if by[v]:
+            summary[v], row = variant_summary(v, by[v], cost)
+            lines.append(row)
+    lines += cost_notes(summary, cost) + overfitting_lines(results)
+    paired_text, diffs = paired_lines(order, test)
+    goal_text, goals = issue10_goal_lines(diffs, summary)
+    lines += paired_text + goal_text
+
+    done = {(r["variant"], r["seed"]) for r in results}
+    missing = [f"{v}-s{s}" for v, s in plan if (v, s) not in done]
+    lines += ["", "Missing runs: " + (", ".join(missing) if missing else "none (every planned run finished)") + "."]
+    if results:
+        lines.append(f"sacreBLEU signature: {results[0]['signature']} (tokenised, lowercased references: the Multi30k "
+                     f"tok/ files)")
+    return "\n".join(lines), {"summary": summary, "paired": diffs, "goals": goals, "missing": missing}
+
+
+def header_lines(cfg: dict) -> list:
+    return [f"### Quality at equal epochs {SUITE.rpartition('_')[2]} (Multi30k De-En, first {cfg['pairs']} training pairs, words seen < 3 "
+            f"times -> <unk>; {cfg.get('model', MODEL_TEXT)}, dropout {cfg['dropout']}; Adam lr {cfg['lr']}, inverse_sqrt, warmup "
+            f"{cfg['warmup']}, max-tokens {cfg['max_tokens']}; {cfg['epochs']} epochs for every method, same batches "
+            f"per seed; ARCH Tc={cfg['tc']})", "",
+            f"Best checkpoint = best validation BLEU (greedy, fairseq --eval-bleu, first {cfg['valid_sentences']} "
+            f"sentences of Multi30k val); test = test_2016_flickr ({cfg['test_sentences']} sentences), beam 5, "
+            f"sacreBLEU; hypotheses at most {MAX_LEN[0]} x source + {MAX_LEN[1]} tokens. Each run is also scored at "
+            f"the length penalty its own validation BLEU prefers among {', '.join('%g' % lp for lp in lenpen_choice.LENPENS)} "
+            "(beam 5; runs decoded before the grid had 0 and 0.3 say so in their JSON's valid_bleu_by_lenpen).", ""]
+
+
+def variant_summary(v: str, rs: dict, cost) -> tuple:
+    """(the summary of variant ``v``'s finished runs {seed: run}, its table row)."""
+    b = [rs[s]["test_sacrebleu"] for s in sorted(rs)]
+    derived = [derived_seconds(r["method"], r["per_epoch"], cost)[-1] if r["per_epoch"] else None for r in rs.values()]
+    derived = None if any(d is None for d in derived) else statistics.mean(derived)
+    measured = [r["train_seconds_measured"] for r in rs.values() if r.get("train_seconds_measured") is not None]
+    s = {"n": len(b), "seeds": sorted(rs), "mean": statistics.mean(b), "std": statistics.stdev(b) if len(b) > 1 else None,
+         "best_valid_bleu": statistics.mean(r["best_valid_bleu"] for r in rs.values()),
+         "best_epoch": {s_: rs[s_]["best_epoch"] for s_ in sorted(rs)},
+         "derived_seconds": derived, "measured_seconds": statistics.mean(measured) if measured else None,
+         "flags": next(iter(rs.values()))["flags"]}
+    s.update(length_columns(rs))
+    row = (f"| {v} | `{' '.join(s['flags'])}` | {s['n']} | {s['mean']:.2f} | {_f(s['std'])} | "
+           f"{', '.join('%.2f' % rs[x]['test_sacrebleu'] for x in sorted(rs))} | {s['bp_ratio_text']} | "
+           f"{s['lenpen_text']} | {s['best_valid_bleu']:.2f} | "
+           f"{', '.join(f's{x}: {e}' for x, e in s['best_epoch'].items())} | "
+           f"{'n/a (no cost.json row)' if derived is None else f'{derived / 60:.1f} min'} | "
+           f"{_f(s['measured_seconds'], 0)} |")
+    return s, row
+
+
+def cost_notes(summary: dict, cost) -> list:
+    lines = ["", "Cost-derived wall-clock: every epoch's updates x the s/update that benchmarks/results/cost.json measured "
+             "for the method (its date and machine are in that file), in interleaved rounds, so that every method saw "
+             "the same load (ARCH epochs priced as refresh or reuse updates by the forwards per batch they logged). "
+             "cost.json times a 3+3-layer d=128 model on 3000 pairs: absolute minutes are for that model and that "
+             "load, the ratios between methods are what carries over. The measured training seconds "
+             "come from a machine shared with other jobs and are not comparable between runs.", ""]
     unmeasured = {n.rpartition("-")[0] if n.endswith(("-refresh", "-reuse")) else n for n in priced_rows(cost)}
     estimated = [v for v in summary if adv_method(summary[v]["flags"]) in unmeasured]
     if estimated:
@@ -587,22 +608,26 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
         lines += [f"{', '.join(pretrained)}: `{NONE_BEST}` = the best checkpoint of the same seed's `none` run (its "
                   "embeddings give the neighbours, as the paper's pre-trained W); that run's training is not in the "
                   "variant's wall-clock (add none's).", ""]
-    lines += overfitting_lines(results)
+    return lines
 
-    # paired differences
+
+def paired_lines(order: list, test: dict) -> tuple:
+    """Every variant minus none, and the goal variant minus every other: (lines, {"a - b": paired})."""
     pairs_ = [(v, "none") for v in order if v != "none"]
     pairs_ += [(GOAL_ARCH, v) for v in order if v not in ("none", GOAL_ARCH)]
     diffs = {}
-    lines += ["Paired differences of test sacreBLEU (same seed = same initialisation and batch order; mean of the "
-              "per-seed differences, 95% CI from the t distribution with n-1 degrees of freedom; n=1: no CI):", ""]
+    lines = ["Paired differences of test sacreBLEU (same seed = same initialisation and batch order; mean of the "
+             "per-seed differences, 95% CI from the t distribution with n-1 degrees of freedom; n=1: no CI):", ""]
     for a, b in pairs_:
         p = paired(test.get(a, {}), test.get(b, {}))
         diffs[f"{a} - {b}"] = p
         lines.append(f"- {a} - {b}: {_diff_text(p)}")
-    lines.append("")
+    return lines + [""], diffs
 
-    # goals of the issue
-    goals = []
+
+def issue10_goal_lines(diffs: dict, summary: dict) -> tuple:
+    """Issue 10's goals for ``arch`` (the v2 table): (lines, goals)."""
+    lines, goals = [], []
 
     def goal(text, value, ok, note=""):
         goals.append({"goal": text, "measured": value, "met": ok})
@@ -636,14 +661,7 @@ def summarize(results: list, plan: list, cfg: dict, cost, calibration=None):
         goal("ARCH wall-clock <= 0.5 x SMART at the same epochs (cost-derived)", f"{a / s:.3f}", a / s <= 0.5)
     else:
         goal("ARCH wall-clock <= 0.5 x SMART at the same epochs (cost-derived)", "n/a", None)
-
-    done = {(r["variant"], r["seed"]) for r in results}
-    missing = [f"{v}-s{s}" for v, s in plan if (v, s) not in done]
-    lines += ["", "Missing runs: " + (", ".join(missing) if missing else "none (every planned run finished)") + "."]
-    if results:
-        lines.append(f"sacreBLEU signature: {results[0]['signature']} (tokenised, lowercased references: the Multi30k "
-                     f"tok/ files)")
-    return "\n".join(lines), {"summary": summary, "paired": diffs, "goals": goals, "missing": missing}
+    return lines, goals
 
 
 def overfitting_lines(results: list, share: float = 0.75) -> list:
