@@ -9,7 +9,7 @@
 # Options: --workdir DIR (default runs/demo; a non-empty DIR that an earlier demo did not make is
 # refused, since the demo empties it), --epochs N, --refresh-interval Tc,
 # --spm-vocab N (default 0 for the toy corpus, 8000 for a local one),
-# --max-train N, --smoke (a few hundred pairs, 3 epochs: what CI runs), -h/--help.
+# --max-train N, --smoke (400 training and 50 valid/test pairs, 3 epochs: what CI runs), -h/--help.
 # Anything after `--` goes to fairseq-train as is (e.g. `-- --adv-method rdrop --adv-lambda 5`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ -z "$SPM" ]]; then [[ -n "$CORPUS" ]] && SPM=8000 || SPM=0; fi
 if [[ $SMOKE == 1 ]]; then
-    EPOCHS=3; TC=2; TOY_TRAIN=400; [[ -n "$CORPUS" ]] && { MAX_TRAIN=400; MAX_EVAL=50; [[ $SPM -gt 0 ]] && SPM=500; }
+    EPOCHS=3; TC=2; TOY_TRAIN=400; MAX_EVAL=50; [[ -n "$CORPUS" ]] && { MAX_TRAIN=400; [[ $SPM -gt 0 ]] && SPM=500; }
 fi
 if [[ -n "$CORPUS" && ! -d "$CORPUS" ]]; then echo "demo.sh: corpus dir $CORPUS does not exist" >&2; exit 2; fi
 # the demo empties its workdir: only one that it made itself (its marker file) or an empty one
