@@ -1,4 +1,4 @@
-"""python -m benchmarks {cost,scale,refresh-scale,host-threads,ops,peak-chunks,quality,plots,all,probe} [options] — see README, "Benchmarks".
+"""python -m benchmarks {cost,cost-spread,scale,refresh-scale,host-threads,ops,peak-chunks,quality,plots,all,probe} [options] — see README, "Benchmarks".
 
 probe (not part of all): python -m benchmarks probe --checkpoint CKPT --data DATA_BIN [--sentences 256]."""
 
@@ -14,7 +14,7 @@ QUALITY_PAIRS, QUALITY_EPOCHS, QUALITY_DROPOUT, QUALITY_WARMUP = 6000, 30, 0.1, 
 
 # the benchmarks that run alone (not part of `all`): name -> module
 STANDALONE = {"probe": "probe", "refresh-scale": "refresh_scale", "host-threads": "host_threads",
-              "peak-chunks": "peak_chunks", "ops": "ops"}
+              "peak-chunks": "peak_chunks", "ops": "ops", "cost-spread": "cost_spread"}
 
 
 def main():

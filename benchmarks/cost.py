@@ -31,7 +31,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import common
+from . import common, cost_spread
 from .quality import _progress
 
 # (forwards, backwards) per update in the paper's Table 1 (ours: each method's own
@@ -451,6 +451,7 @@ def main(args):
             res = json.load(f)
     else:
         res = measure(args.work, args.sentences, args.rounds, args.steps, args.tc, getattr(args, "model_arch", None))
+        cost_spread.archive(args.out, res)  # kept beside the earlier runs' timings (benchmarks cost-spread)
         if not args.skip_rss:
             # the timings first (the RSS runs take minutes): a failed RSS run keeps them, and
             # `--rss-only` measures RSS again from this file

@@ -37,6 +37,9 @@ def test_cost_benchmark_reports_every_method_and_the_goals(tmp_path):
     assert tc == 3
     sec = {m: r["seconds"] for m, r in rows.items()}
     assert all(s > 0 for s in sec.values()), sec
+    # the timings are kept beside the earlier runs' (python -m benchmarks cost-spread)
+    kept = list((tmp_path / "out" / "cost_runs").glob("cost-*.json"))
+    assert len(kept) == 1 and {m: r["seconds"] for m, r in json.load(open(kept[0]))["methods"].items()} == sec
     # every ratio is the ratio of the measured seconds
     for m, r in rows.items():
         assert r["vs_none"] == pytest.approx(sec[m] / sec["none"]), m
