@@ -11,5 +11,6 @@ source "$(dirname "$0")/env.sh"
 arch_use_env
 cd "$ARCH_REPO"
 export PYTHONWARNINGS="ignore"
-# -rs: every skip with its reason in the summary (CI sets ARCH_REQUIRE_DATA=1: missing data fails)
-exec python -m pytest -q -rs -p no:cacheprovider tests "$@"
+# -rs: every skip with its reason in the summary (CI sets ARCH_REQUIRE_DATA=1: missing data fails);
+# --durations=15: the slowest tests, so that a CI run near its 20-minute limit says where the time went
+exec python -m pytest -q -rs --durations=15 -p no:cacheprovider tests "$@"

@@ -28,7 +28,7 @@ def bench(tmp_path, *args):
 
 def test_cost_benchmark_reports_every_method_and_the_goals(tmp_path):
     utils.require_shared("multi30k", "tok")
-    out = bench(tmp_path, "cost", "--sentences", "150", "--rounds", "1", "--skip-rss", "--tc", "3")
+    out = bench(tmp_path, "cost", "--sentences", "80", "--rounds", "1", "--skip-rss", "--tc", "3")
     res = json.load(open(tmp_path / "out" / "cost.json"))
     rows = res["methods"]
     assert set(rows) == {"none", "r3f", "smart", "freelb", "rdrop", "arch-refresh", "arch-reuse", "arch (amortised)",
