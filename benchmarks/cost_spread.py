@@ -19,6 +19,9 @@ import statistics
 import time
 from typing import Dict, List, Optional
 
+from . import common
+from .quality import derived_seconds
+
 # (label, numerator row, denominator row, the goal's limit or None) of one cost run's rows
 UPDATE_RATIOS = (
     ("arch reuse / r3f", "arch-reuse", "r3f", 1.05),
@@ -37,8 +40,6 @@ RUNS_DIR = "cost_runs"
 def archive(out_dir: str, res: dict) -> str:
     """Write a cost run's timings ``res`` (cost.measure's result) to <out_dir>/cost_runs/,
     named by the minute they were written, with the machine."""
-    from . import common
-
     res = dict(res, machine=common.machine(), date=time.strftime("%Y-%m-%d %H:%M"))
     os.makedirs(os.path.join(out_dir, RUNS_DIR), exist_ok=True)
     path = os.path.join(out_dir, RUNS_DIR, f"cost-{res['date'].replace(' ', '-').replace(':', '')}.json")
@@ -57,8 +58,6 @@ def update_ratios(cost: dict) -> Dict[str, Optional[float]]:
 def run_ratios(cost: dict, runs: List[dict]) -> Dict[str, Optional[float]]:
     """label -> mean cost-derived seconds of a quality run of one variant over the other's,
     priced from this cost run (None where a variant has no run or a row is missing)."""
-    from .quality import derived_seconds
-
     def mean_seconds(variant):
         secs = [derived_seconds(r["method"], r["per_epoch"], cost)[-1] for r in runs
                 if r["variant"] == variant and r["per_epoch"]]
@@ -97,11 +96,12 @@ def measure(paths: List[str], runs: List[dict]) -> dict:
                                       for label, limit in labels}}
 
 
-def _cell(v, fmt="{:.3f}"):
-    return "-" if v is None else fmt.format(v)
+def _cell(v):
+    return "-" if v is None else f"{v:.3f}"
 
 
-def markdown(res: dict, suite: Optional[str]) -> str:
+def markdown(res: dict, priced_from: str) -> str:
+    """``priced_from``: where the run prices' quality runs come from, or why there are none."""
     labels = list(res["spread"])
     head = ["cost run", "none s/update", "rdrop s/update", *labels]
     lines = [f"### Cost goals across {len(res['runs'])} runs of the cost benchmark", "",
@@ -119,16 +119,12 @@ def markdown(res: dict, suite: Optional[str]) -> str:
         met = f"{s['met']} of {s['n']}" if "limit" in s else "-"
         lines.append(f"| {label} | {s['median']:.3f} | {s['min']:.3f}-{s['max']:.3f} | {goal} | {met} |")
     lines += ["", "Each row: one `python -m benchmarks cost` run (its cost.json in cost_runs/), the methods "
-              "interleaved within it. Run prices: the mean cost-derived seconds of the "
-              + (f"{suite} runs" if suite and any(k.endswith("run / rdrop run") for k in labels)
-                 else "quality runs (none: no suite JSON given)")
-              + " of one variant over the other's, priced from that cost run's rows."]
+              "interleaved within it. Run prices: the mean cost-derived seconds of one variant's quality runs over "
+              f"the other's, priced from that cost run's rows; the runs: {priced_from}."]
     return "\n".join(lines)
 
 
 def main(args):
-    from . import common
-
     paths = sorted(glob.glob(os.path.join(args.out, RUNS_DIR, "cost-*.json")))
     if not paths:
         raise SystemExit(f"cost-spread: no cost runs in {os.path.join(args.out, RUNS_DIR)} "
@@ -139,5 +135,6 @@ def main(args):
         with open(suite_json) as f:
             runs = json.load(f)["runs"]
     res = measure(paths, runs)
-    common.write_report(args.out, "cost_spread", res, markdown(res, args.suite if runs else None))
+    priced_from = f"{args.suite}.json" if runs else f"none ({suite_json} not found)"
+    common.write_report(args.out, "cost_spread", res, markdown(res, priced_from))
     return res
