@@ -45,8 +45,9 @@ setup(
         "cpu": ["faiss-cpu>=1.7"],
         # CUDA 12 builds (pulls the CUDA 12 runtime and cuBLAS wheels)
         "gpu": ["faiss-gpu-cu12>=1.8"],
-        # the range the suite was run on (pytest 9.0.3 and 9.2.0); scripts/install.sh installs it
-        "test": ["pytest>=9.0,<9.3"],
+        # the range the suite was run on (pytest 9.0.3 and 9.2.0, pytest-xdist 3.8.0: scripts/test.sh
+        # runs the test files on two workers); scripts/install.sh installs it
+        "test": ["pytest>=9.0,<9.3", "pytest-xdist>=3.5,<4"],
         "bench": ["matplotlib>=3.5"],
     },
 )

@@ -11,6 +11,12 @@ source "$(dirname "$0")/env.sh"
 arch_use_env
 cd "$ARCH_REPO"
 export PYTHONWARNINGS="ignore"
+# Two pytest workers (-n 2), each taking whole test files (--dist loadfile: a module's shared
+# fixtures, its trained toy runs, are built once), at one thread each: most of a test's time is a
+# fairseq process starting up or a tiny model training, which a second core halves, while
+# OpenMP's spinning threads make two 2-thread processes on 2 cores several times slower.
+# Arguments given to this script come later and win (-n 0: one process).
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # -rs: every skip with its reason in the summary (CI sets ARCH_REQUIRE_DATA=1: missing data fails);
 # --durations=15: the slowest tests, so that a CI run near its 20-minute limit says where the time went
-exec python -m pytest -q -rs --durations=15 -p no:cacheprovider tests "$@"
+exec python -m pytest -q -rs --durations=15 -p no:cacheprovider -n 2 --dist loadfile tests "$@"
