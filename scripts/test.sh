@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: install into the project's environment (scripts/env.sh:
 # .venv/ unless a venv/conda env is active; idempotent), then pytest inside it.
-# About 17-19 minutes on 2 CPU cores (the README gives the last measured count), plus about 1 minute
+# About 9 minutes on 2 CPU cores (the README gives the last measured count), plus about 1 minute
 # for the first install.
 # Usage: bash scripts/test.sh [PYTEST ARGS]: extra arguments go to pytest (e.g. -k cache, -m fast;
 # pytest's own options: .venv/bin/python -m pytest --help).
