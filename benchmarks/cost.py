@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import weakref
+from types import SimpleNamespace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -142,6 +143,36 @@ def _timed(fn):
 
 
 def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_arch: str = None) -> dict:
+    bench = _setup(work, sentences, steps, tc, model_arch)
+    meters = _install_meters(bench)
+    timings = _interleaved_rounds(bench, rounds, meters)
+    peak = peak_memory(bench.crits, bench.task_of, bench.train_step, bench.opt, bench.batches)
+    t_f, t_b, t_o = (statistics.median(timings.parts[k]) for k in ("fwd", "bwd", "optim"))
+    rows = _method_rows(bench.crits, timings, (t_f, t_b, t_o), peak, steps)
+    for method in CACHED:
+        rows[f"{method} (amortised)"] = amortised(rows, method, tc, steps, (t_f, t_b, t_o), peak["early"]["none"])
+    read_share = statistics.median(timings.read_share)
+    return {
+        "config": {"sentences": sentences, "batches": len(bench.batches), "rounds": rounds, "steps": steps,
+                   "tc": tc, "model": model_arch or ("transformer_iwslt_de_en (GPU)" if common.on_gpu()
+                                                     else "transformer 3+3 layers, d=128, ffn 512"),
+                   "max_tokens": 4096},
+        "methods": rows,
+        "peak_batch": peak["batch"],
+        "forward_s": t_f, "backward_s": t_b, "optimizer_s": t_o,
+        "cache_read_rebuild_share_of_reuse_update": read_share,
+        # the read in all, the part a prefetch hid included (= the share above without one)
+        "cache_read_rebuild_total_share_of_reuse_update": statistics.median(timings.read_total_share),
+        "cache_read_rebuild_share_of_amortised_update":
+            read_share * rows["arch-reuse"]["seconds"] * (tc - 1) / tc / rows["arch (amortised)"]["seconds"],
+        "finalize_seconds": bench.finalize_s,
+        **_cache_bytes(bench.task_use),
+    }
+
+
+def _setup(work, sentences, steps, tc, model_arch) -> SimpleNamespace:
+    """One model, its batches, and a criterion per timed row: ``-refresh`` rows on a task in its
+    first (refresh) epoch, ``-reuse`` rows on a task whose cache one refresh epoch has filled."""
     from fairseq_arch.in_process import criterion_with
 
     data = common.multi30k_bin(work, sentences)
@@ -153,42 +184,23 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
     _, task_use, _, crit_use = common.build(data, os.path.join(work, "cost-reuse"), arch_flags, model_arch)
     batches = common.train_batches(task_ref)
     model.train()
-    # the reuse task needs a filled cache: one refresh epoch, then epoch 2 (reuse)
-    print(f"cost: filling the ARCH cache (one refresh epoch, {len(batches)} batches), then {rounds} "
+    print(f"cost: filling the ARCH cache (one refresh epoch, {len(batches)} batches), then the "
           "interleaved rounds of every method", flush=True)
     t_start = time.perf_counter()
     task_use.begin_epoch(1, model)
     for b in batches:
         crit_use(model, b)
     t_fill = time.perf_counter()
-    task_use.begin_epoch(2, model)
+    task_use.begin_epoch(2, model)  # epoch 2 reuses what epoch 1 stored
     finalize_s = time.perf_counter() - t_fill
     print(f"cost: cache filled in {_progress().fmt_duration(time.perf_counter() - t_start)}", flush=True)
     task_ref.begin_epoch(1, model)
 
     crits = {m: criterion_with(cfg_ref, task_ref, adv_method=m) for m in ("none", "r3f", "smart", "freelb", "rdrop")}
-    crits["arch-refresh"] = crit_ref
-    crits["arch-reuse"] = crit_use
+    crits["arch-refresh"], crits["arch-reuse"] = crit_ref, crit_use
     crits["zero-delta"] = criterion_with(cfg_ref, task_ref, **CONTROLS["zero-delta"])
     crits["arch-rdrop-refresh"] = criterion_with(cfg_ref, task_ref, **CONTROLS["arch-rdrop"])
     crits["arch-rdrop-reuse"] = criterion_with(cfg_ref, task_use, **CONTROLS["arch-rdrop"])
-
-    # the hot path's own work (issue 11, item 9): seeded init, cache reads (+ neighbour
-    # rebuild) and fresh-row stores, per update, whatever the method; the reads alone too
-    read_time, hot_time = {"s": 0.0}, {"s": 0.0}
-
-    def timed(fn, *meters):
-        def run(*a, **k):
-            dt, out = _timed(lambda: fn(*a, **k))
-            for m in meters:
-                m["s"] += dt
-            return out
-        return run
-
-    task_use.arch_cache.access.read = timed(task_use.arch_cache.access.read, read_time, hot_time)
-    for c in crits.values():
-        c.space.init = timed(c.space.init, hot_time)
-    task_ref.arch_cache.access.store_fresh = timed(task_ref.arch_cache.access.store_fresh, hot_time)
     opt = _TorchOptimizer(model.parameters(), lr=1e-4)
     task_of = {m: task_use if m.endswith("-reuse") else task_ref for m in crits}
 
@@ -196,53 +208,79 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
         # as fairseq-train: the task's train_step runs the criterion and the backward(s)
         return task_of[m].train_step(batch, model, crits[m], opt, update_num=0)
 
-    def update(m, batch):
-        opt.zero_grad()
-        train_step(m, batch)
-        opt.step()
+    return SimpleNamespace(model=model, batches=batches, crits=crits, opt=opt, task_of=task_of,
+                           task_ref=task_ref, task_use=task_use, train_step=train_step, finalize_s=finalize_s)
 
-    times = {m: [] for m in crits}
-    hot_share = {m: [] for m in crits}
-    read_share, read_total_share = [], []
-    # reads prepared ahead (issue 22): each reuse update's batch is prefetched when the previous
-    # reuse update starts, as fairseq-train's batch iterator does; the timed read is then what
-    # the step waits for, the reader's stats give the host reads' own time
-    reader = task_use.arch_cache.access
+
+def _install_meters(bench) -> dict:
+    """Seconds spent in the hot path's own work (seeded init, cache reads with the neighbour
+    rebuild, fresh-row stores), whatever the method, and in the reads alone; reset per update."""
+    meters = {"read": 0.0, "hot": 0.0}
+
+    def timed(fn, *names):
+        def run(*a, **k):
+            dt, out = _timed(lambda: fn(*a, **k))
+            for name in names:
+                meters[name] += dt
+            return out
+        return run
+
+    access = bench.task_use.arch_cache.access
+    access.read = timed(access.read, "read", "hot")
+    for c in bench.crits.values():
+        c.space.init = timed(c.space.init, "hot")
+    bench.task_ref.arch_cache.access.store_fresh = timed(bench.task_ref.arch_cache.access.store_fresh, "hot")
+    return meters
+
+
+def _interleaved_rounds(bench, rounds: int, meters: dict) -> SimpleNamespace:
+    """Every row's update, and one bare forward/backward/step ("parts", for the Table 1
+    prediction), in a shuffled order each round, on the round's batch."""
+    out = SimpleNamespace(times={m: [] for m in bench.crits}, hot_share={m: [] for m in bench.crits},
+                          read_share=[], read_total_share=[], parts={"fwd": [], "bwd": [], "optim": []})
+    # reads prepared ahead: each reuse update's batch is prefetched when the previous reuse
+    # update starts, as fairseq-train's batch iterator does; the timed read is then what the
+    # step waits for, and the reader's stats give the host reads' own time
+    reader = bench.task_use.arch_cache.access
     stats = reader.ahead.stats if reader.ahead is not None else None
+    batches, opt = bench.batches, bench.opt
     reader.prefetch(batches[0]["id"].cpu().numpy())
-    fwd, bwd, optim = [], [], []
     rng = random.Random(0)
-    live = _progress().Steps("cost round", rounds)  # (`steps` is S)
+    live = _progress().Steps("cost round", rounds)
     for r in range(rounds):
         batch = batches[r % len(batches)]
-        order = list(crits) + ["parts"]
+        order = list(bench.crits) + ["parts"]
         rng.shuffle(order)
         for m in order:
-            if m == "parts":  # one forward and one backward, for the Table 1 prediction
+            if m == "parts":
                 opt.zero_grad()
-                tf, out = _timed(lambda: crits["none"].compute_loss(model, model(**batch["net_input"]), batch)[0])
-                tb, _ = _timed(out.backward)
-                to, _ = _timed(opt.step)
-                fwd.append(tf), bwd.append(tb), optim.append(to)
+                none = bench.crits["none"]
+                tf, loss = _timed(lambda: none.compute_loss(bench.model, bench.model(**batch["net_input"]), batch)[0])
+                for key, dt in (("fwd", tf), ("bwd", _timed(loss.backward)[0]), ("optim", _timed(opt.step)[0])):
+                    out.parts[key].append(dt)
                 continue
-            read_time["s"] = hot_time["s"] = 0.0
+            meters["read"] = meters["hot"] = 0.0
             if m == "arch-reuse":  # (arch-rdrop-reuse reads the same rows: its reads are not prepared ahead)
                 reader.prefetch(batches[(r + 1) % len(batches)]["id"].cpu().numpy())
                 hidden = -(stats.host_s - stats.wait_s) if stats else 0.0
-            dt, _ = _timed(lambda: update(m, batch))
-            times[m].append(dt)
-            hot_share[m].append(hot_time["s"] / dt)
+            dt, _ = _timed(lambda: (opt.zero_grad(), bench.train_step(m, batch), opt.step()))
+            out.times[m].append(dt)
+            out.hot_share[m].append(meters["hot"] / dt)
             if m == "arch-reuse":
-                read_share.append(read_time["s"] / dt)
+                out.read_share.append(meters["read"] / dt)
                 hidden += (stats.host_s - stats.wait_s) if stats else 0.0
-                read_total_share.append((read_time["s"] + hidden) / dt)
-        live.done(f"{len(crits)} methods + one forward/backward, batch {r % len(batches) + 1}/{len(batches)}")
+                out.read_total_share.append((meters["read"] + hidden) / dt)
+        live.done(f"{len(bench.crits)} methods + one forward/backward, batch {r % len(batches) + 1}/{len(batches)}")
+    return out
 
-    peak = peak_memory(crits, task_of, train_step, opt, batches)
 
-    med = {m: statistics.median(v) for m, v in times.items()}
-    t_f, t_b, t_o = statistics.median(fwd), statistics.median(bwd), statistics.median(optim)
+def _method_rows(crits, timings, parts, peak, steps) -> dict:
+    """Each timed row: median seconds, its ratios, its pass counts and the Table 1 prediction
+    from the measured forward, backward and step, its hot-path share and its peaks."""
+    t_f, t_b, t_o = parts
     base = t_f + t_b + t_o
+    med = {m: statistics.median(v) for m, v in timings.times.items()}
+    early, joint = peak["early"], peak["joint"]
     rows = {}
     for m in crits:
         (of, ob), (pf, pb) = method_counts(m, steps)
@@ -251,35 +289,23 @@ def measure(work: str, sentences: int, rounds: int, steps: int, tc: int, model_a
             "fwd_bwd": [of, ob], "table1_fwd_bwd": [pf, pb],
             "predicted_vs_none": (of * t_f + ob * t_b + t_o) / base,
             "table1_predicted_vs_none": (pf * t_f + pb * t_b + t_o) / base,
-            "hot_path_share": statistics.median(hot_share[m]),
-            "peak_mib": peak["early"][m], "peak_vs_none": peak["early"][m] / peak["early"]["none"],
-            "peak_joint_mib": peak["joint"].get(m), "peak_joint_vs_none":
-                peak["joint"][m] / peak["early"]["none"] if m in peak["joint"] else None,
+            "hot_path_share": statistics.median(timings.hot_share[m]),
+            "peak_mib": early[m], "peak_vs_none": early[m] / early["none"],
+            "peak_joint_mib": joint.get(m), "peak_joint_vs_none": joint[m] / early["none"] if m in joint else None,
         }
-    for method in CACHED:
-        rows[f"{method} (amortised)"] = amortised(rows, method, tc, steps, (t_f, t_b, t_o), peak["early"]["none"])
-    amort = rows["arch (amortised)"]["seconds"]
-    store = task_use.arch_cache.store
-    gen = os.path.join(store.dir, task_use.arch_cache.access.generation)
-    disk = {s: os.path.getsize(os.path.join(gen, f"{s}.bin")) for s in store.sides}
-    ds = task_use.dataset("train")
-    formula = {s: 0.1 * float((ds.src_sizes if s == "source" else ds.tgt_sizes).sum()) * store.dims[s] * 2
-               for s in store.sides}
+    return rows
+
+
+def _cache_bytes(task) -> dict:
+    """The cache's bytes on disk per side, and p x tokens x d x 2 bytes for comparison."""
+    store = task.arch_cache.store
+    gen = os.path.join(store.dir, task.arch_cache.access.generation)
+    ds = task.dataset("train")
     return {
-        "config": {"sentences": sentences, "batches": len(batches), "rounds": rounds, "steps": steps, "tc": tc,
-                   "model": model_arch or ("transformer_iwslt_de_en (GPU)" if common.on_gpu()
-                                           else "transformer 3+3 layers, d=128, ffn 512"),
-                   "max_tokens": 4096},
-        "methods": rows,
-        "peak_batch": peak["batch"],
-        "forward_s": t_f, "backward_s": t_b, "optimizer_s": t_o,
-        "cache_read_rebuild_share_of_reuse_update": statistics.median(read_share),
-        # the read in all, the part a prefetch hid included (= the share above without one)
-        "cache_read_rebuild_total_share_of_reuse_update": statistics.median(read_total_share),
-        "cache_read_rebuild_share_of_amortised_update":
-            statistics.median(read_share) * med["arch-reuse"] * (tc - 1) / tc / amort,
-        "finalize_seconds": finalize_s,
-        "disk_bytes": disk, "disk_bytes_formula_p_tokens_d_bytes": formula,
+        "disk_bytes": {s: os.path.getsize(os.path.join(gen, f"{s}.bin")) for s in store.sides},
+        "disk_bytes_formula_p_tokens_d_bytes": {
+            s: 0.1 * float((ds.src_sizes if s == "source" else ds.tgt_sizes).sum()) * store.dims[s] * 2
+            for s in store.sides},
     }
 
 

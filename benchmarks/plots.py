@@ -139,6 +139,12 @@ def quality_curves(out, plt):
     for r in res["runs"]:
         by.setdefault(r["variant"], []).append(r)
     machine = _machine(res)
+    _bleu_vs_time(out, plt, by, cost, machine)
+    _gnorm(out, plt, by, machine)
+
+
+def _bleu_vs_time(out, plt, by, cost, machine):
+    from . import quality
 
     curves = {}  # variant -> [{epoch: (seconds, bleu)}] per seed, epochs every seed has
     for v, rs in by.items():
@@ -171,6 +177,8 @@ def quality_curves(out, plt):
     else:
         print("plots: no variant has a cost-derived wall-clock: bleu_vs_time.png not drawn")
 
+
+def _gnorm(out, plt, by, machine):
     gn = {}
     first = {}
     for v, rs in by.items():

@@ -73,8 +73,8 @@ def synthetic_pairs(n, vocab=32000, seed=0):
 
 def one_scale(name: str, dim: int, fraction: float, k: int, max_queries: int = 200_000) -> dict:
     from fairseq_arch.cache import PerturbationCacheStore
-    from fairseq_arch.cache.search import NEIGHBOR_CHUNK, NeighborSearch
-    from fairseq_arch.neighbors import brute_force_knn
+    from fairseq_arch.cache.search import NeighborSearch
+    from fairseq_arch.cache_math import row_means
 
     t0 = time.perf_counter()
     pairs, vocab = tatoeba_pairs() if name == "tatoeba" else synthetic_pairs(int(name))
@@ -94,48 +94,10 @@ def one_scale(name: str, dim: int, fraction: float, k: int, max_queries: int = 2
         build_s = time.perf_counter() - t
         t = time.perf_counter()
         for side in store.sides:
-            from fairseq_arch.cache_math import row_means
-
             row_means(store.perturbation_rows("gen-e0001", side), store.offsets[side])
         means_s = time.perf_counter() - t
-        search = {}
-        nbr = {}
-        uncached_all = np.nonzero(store.pos_of < 0)[0]
-        sampled = len(uncached_all) > max_queries
-        for side in store.sides:
-            t = time.perf_counter()
-            if not sampled:
-                nbr[side] = nn.compute_neighbors(side, None, 1)
-                search[side] = time.perf_counter() - t
-                continue
-            # exact search is linear in the number of queries: time the full database
-            # against the first max_queries queries, in the plugin's chunks, and scale up
-            from fairseq_arch.neighbors import CosineIndex
-
-            nbr[side] = np.full((store.n_sentences, k), -1, dtype=np.int32)
-            index = CosineIndex(nn.sentence_vectors(side, store.cached_ids, w[side]), "cpu")
-            t_db = time.perf_counter() - t
-            t = time.perf_counter()
-            sub = uncached_all[:max_queries]
-            for start in range(0, len(sub), NEIGHBOR_CHUNK):
-                chunk = sub[start: start + NEIGHBOR_CHUNK]
-                nbr[side][chunk] = index.search(nn.sentence_vectors(side, chunk, w[side]), k)[1].numpy()
-            search[side] = t_db + (time.perf_counter() - t) * len(uncached_all) / len(sub)
-        # exact faiss vs brute force on 2000 uncached queries (source side)
-        rng = np.random.default_rng(1)
-        uncached = np.nonzero(store.pos_of < 0)[0]
-        if sampled:
-            uncached = uncached[:max_queries]
-        q = rng.choice(uncached, size=min(2000, len(uncached)), replace=False)
-        db = nn.sentence_vectors("source", store.cached_ids, w["source"])
-        qv = nn.sentence_vectors("source", q, w["source"])
-        best, ref = brute_force_knn(qv, db, 1)
-        agree = float((ref[:, 0].numpy() == nbr["source"][q, 0]).mean())
-        # a different index with the same similarity is a tie, not a disagreement
-        from fairseq_arch.neighbors import normalize_rows
-
-        chosen = (normalize_rows(qv) * normalize_rows(db)[torch.from_numpy(nbr["source"][q, 0]).long()]).sum(1)
-        agree_sim = float(((best[:, 0] - chosen).abs() <= 1e-5).float().mean())
+        search, nbr, sampled = _search_seconds(store, nn, w, k, max_queries)
+        agree, agree_sim = _agreement_with_brute_force(store, nn, w, nbr, max_queries if sampled else None)
         disk = sum(os.path.getsize(os.path.join(tmp, "gen-e0001", f"{s}.bin")) for s in store.sides)
         return {
             "corpus": name, "sentences": int(store.n_sentences), "cached": int(store.num_cached),
@@ -149,6 +111,55 @@ def one_scale(name: str, dim: int, fraction: float, k: int, max_queries: int = 2
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _search_seconds(store, nn, w, k, max_queries):
+    """Seconds of each side's exact neighbour search of every uncached sentence, and the
+    neighbours found; past ``max_queries`` queries the time is extrapolated (and sampled=True)."""
+    from fairseq_arch.cache.search import NEIGHBOR_CHUNK
+    from fairseq_arch.neighbors import CosineIndex
+
+    search, nbr = {}, {}
+    uncached_all = np.nonzero(store.pos_of < 0)[0]
+    sampled = len(uncached_all) > max_queries
+    for side in store.sides:
+        t = time.perf_counter()
+        if not sampled:
+            nbr[side] = nn.compute_neighbors(side, None, 1)
+            search[side] = time.perf_counter() - t
+            continue
+        # exact search is linear in the number of queries: time the full database
+        # against the first max_queries queries, in the plugin's chunks, and scale up
+        nbr[side] = np.full((store.n_sentences, k), -1, dtype=np.int32)
+        index = CosineIndex(nn.sentence_vectors(side, store.cached_ids, w[side]), "cpu")
+        t_db = time.perf_counter() - t
+        t = time.perf_counter()
+        sub = uncached_all[:max_queries]
+        for start in range(0, len(sub), NEIGHBOR_CHUNK):
+            chunk = sub[start: start + NEIGHBOR_CHUNK]
+            nbr[side][chunk] = index.search(nn.sentence_vectors(side, chunk, w[side]), k)[1].numpy()
+        search[side] = t_db + (time.perf_counter() - t) * len(uncached_all) / len(sub)
+    return search, nbr, sampled
+
+
+def _agreement_with_brute_force(store, nn, w, nbr, searched_queries):
+    """The share of 2000 uncached source sentences (among the first ``searched_queries`` when the
+    search was sampled) whose top neighbour is brute force's, and whose similarity is."""
+    from fairseq_arch.neighbors import brute_force_knn, normalize_rows
+
+    rng = np.random.default_rng(1)
+    uncached = np.nonzero(store.pos_of < 0)[0]
+    if searched_queries is not None:
+        uncached = uncached[:searched_queries]
+    q = rng.choice(uncached, size=min(2000, len(uncached)), replace=False)
+    db = nn.sentence_vectors("source", store.cached_ids, w["source"])
+    qv = nn.sentence_vectors("source", q, w["source"])
+    best, ref = brute_force_knn(qv, db, 1)
+    agree = float((ref[:, 0].numpy() == nbr["source"][q, 0]).mean())
+    # a different index with the same similarity is a tie, not a disagreement
+    chosen = (normalize_rows(qv) * normalize_rows(db)[torch.from_numpy(nbr["source"][q, 0]).long()]).sum(1)
+    agree_sim = float(((best[:, 0] - chosen).abs() <= 1e-5).float().mean())
+    return agree, agree_sim
 
 
 def markdown(rows, dim, fraction):
