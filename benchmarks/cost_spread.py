@@ -20,7 +20,7 @@ import time
 from typing import Dict, List, Optional
 
 from . import common
-from .quality import derived_seconds
+from .quality import derived_seconds, suite_runs
 
 # (label, numerator row, denominator row, the goal's limit or None) of one cost run's rows
 UPDATE_RATIOS = (
@@ -130,10 +130,7 @@ def main(args):
         raise SystemExit(f"cost-spread: no cost runs in {os.path.join(args.out, RUNS_DIR)} "
                          "(each `python -m benchmarks cost` run leaves one)")
     suite_json = os.path.join(args.out, f"{args.suite}.json")
-    runs = []
-    if os.path.exists(suite_json):
-        with open(suite_json) as f:
-            runs = json.load(f)["runs"]
+    runs = suite_runs(args.out, args.suite) if os.path.exists(suite_json) else []
     res = measure(paths, runs)
     priced_from = f"{args.suite}.json" if runs else f"none ({suite_json} not found)"
     common.write_report(args.out, "cost_spread", res, markdown(res, priced_from))

@@ -453,8 +453,8 @@ def decode(data: str, ckpt: str, subset: str, lenpen: float, env, n: int, device
     return [hyps.get(i, "") for i in range(n)]
 
 
-def run_path(out: str, name: str, seed: int) -> str:
-    return os.path.join(out, SUITE, f"{name}-s{seed}.json")
+def run_path(out: str, name: str, seed: int, suite: str = None) -> str:
+    return os.path.join(out, suite or SUITE, f"{name}-s{seed}.json")
 
 
 def write_run(out: str, result: dict) -> None:
@@ -773,10 +773,24 @@ def report(args, plan, cfg, extra):
         from .captions import figure_lines
 
         md = "\n".join([md, ""] + figure_lines("bleu_vs_time.png") + figure_lines("gnorm.png")).rstrip("\n")
-    # the headline report is v2's until v3 is complete; v3 reports beside it meanwhile
+    # v2's JSON stays as published; later suites leave each run's per-epoch log in the run's own
+    # JSON (suite_runs puts it back), so that the report's JSON does not grow with every epoch
+    left_out = set() if SUITE == "quality_v2" else {"per_epoch"}
     common.write_report(args.out, name, {"config": cfg, "plan": [f"{v}-s{s}" for v, s in plan],
-                                              "runs": [{k: v for k, v in r.items()} for r in results],
-                                              "cost_json": bool(cost), **info}, md)
+                                         "runs": [{k: v for k, v in r.items() if k not in left_out} for r in results],
+                                         "cost_json": bool(cost), **info}, md)
+
+
+def suite_runs(out: str, suite: str) -> list:
+    """The runs of the report ``<out>/<suite>.json``, each with its per-epoch log (read from the
+    run's own JSON, ``<out>/<suite>/<variant>-s<seed>.json``, where the report left it out)."""
+    with open(os.path.join(out, f"{suite}.json")) as f:
+        runs = json.load(f)["runs"]
+    for r in runs:
+        if "per_epoch" not in r:
+            with open(run_path(out, r["variant"], r["seed"], suite)) as f:
+                r["per_epoch"] = json.load(f)["per_epoch"]
+    return runs
 
 
 def _by_variant(results: list) -> dict:

@@ -77,6 +77,22 @@ def test_cost_spread_command_reads_every_archived_run(tmp_path):
     assert spread["arch-rdrop run / rdrop run"]["met"] == 0
 
 
+@pytest.mark.fast
+def test_suite_runs_read_the_per_epoch_log_a_report_left_in_each_runs_own_json(tmp_path):
+    from benchmarks.quality import suite_runs
+
+    (tmp_path / "quality_v3").mkdir()
+    for seed, r in enumerate(RUNS, 1):
+        with open(tmp_path / "quality_v3" / f"{r['variant']}-s{seed}.json", "w") as f:
+            json.dump(dict(r, seed=seed), f)
+    with open(tmp_path / "quality_v3.json", "w") as f:  # the report: runs without their per-epoch log
+        json.dump({"runs": [{"variant": r["variant"], "method": r["method"], "seed": s} for s, r in enumerate(RUNS, 1)]}, f)
+    c = cost(0.5, 1.0, 2.0, 1.5, 0.9, 0.95, 3.0, 1.5)
+    runs = suite_runs(str(tmp_path), "quality_v3")
+    assert [r["per_epoch"] for r in runs] == [r["per_epoch"] for r in RUNS]
+    assert cost_spread.run_ratios(c, runs)["arch-rdrop run / rdrop run"] == pytest.approx((30 + 45) / 60)
+
+
 def test_cost_spread_without_archived_runs_says_so(tmp_path):
     res = utils.run([sys.executable, "-m", "benchmarks", "cost-spread", "--out", str(tmp_path / "out"),
                      "--work", str(tmp_path / "work")], cwd=utils.REPO, capture_output=True, text=True, timeout=300)
